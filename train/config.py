@@ -1,0 +1,262 @@
+"""Run configuration: typed dataclasses, defaults < YAML file < command-line dot-list overrides.
+
+`load_config(path, overrides)` returns a validated `RunConfig` with derived values filled in; unknown keys and wrong
+types fail at load with the key, the file and the valid choices. `load_config(..., schema=OtherDataclass)` serves the
+other entry points (data preparation, decontamination, PTS) with the same rules.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from data.config import PROVENANCES, DataConfig
+from data.fileio import atomic_write
+from model.config import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_PRESET_DIR = REPO_ROOT / "configs" / "model"
+
+STAGES = ("pretrain", "midtrain", "sft", "dpo")
+SCHEDULES = ("linear", "cosine", "wsd", "constant")
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the file and key."""
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 4096  # tokens per training sequence (the packing window)
+    global_batch: int = 5760  # sequences per optimizer step, across all ranks and micro-batches
+    micro_batch: int = 1  # sequences per rank per forward/backward; accumulation is derived
+    max_steps: int = 0  # 0 = derived from total_tokens
+    total_tokens: int = 0  # the stage's token budget; steps = ceil(total_tokens / (global_batch * seq_len))
+    save_every: int = 1000  # steps
+    keep_last: int = 3  # complete checkpoints kept on disk
+    resume: str = "auto"  # auto: continue from the newest complete checkpoint in output_dir | none
+    init_from: str = ""  # weights only (fresh optimizer and schedule): a checkpoint dir, a run dir or an HF dir
+    log_every: int = 1
+    eval_every: int = 0  # steps between held-out evaluations; 0 = only at the end
+    eval_batches: int = 4  # micro-batches per source in a held-out evaluation
+    seed: int = 1234
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    max_bad_steps_in_row: int = 5  # non-finite loss/grad-norm steps skipped in a row before the run stops
+    compile: bool = False  # torch.compile each block
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate (Phi-4 pretraining)
+    weight_decay: float = 0.1  # on >= 2-D weights only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # ASSUMPTION: the paper gives no betas
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # ASSUMPTION: clipping is not stated in the paper
+    schedule: str = "linear"  # linear warmup + linear decay (Phi-4) | cosine | wsd | constant
+    warmup_steps: int = 0
+    warmup_fraction: float = 0.0  # used when warmup_steps is 0
+    min_lr_ratio: float = 0.0  # final LR as a fraction of the peak
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1  # 0 | 1 | 2 | 3
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU
+    offload_params: bool = False  # ZeRO-3 only
+    allgather_bucket_size: int = 200_000_000
+    reduce_bucket_size: int = 200_000_000
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "phi4-recipe"
+    entity: str = ""
+    name: str = ""  # default: the output_dir's last two components
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
+    dir: str = ""  # default: output_dir
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    peak_tflops: float = 989.0  # per-device dense bf16 peak for MFU (H100 SXM); measured GEMM rate on CPU
+
+
+@dataclass
+class DPOConfig:
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    beta: float = 0.1  # ASSUMPTION: the paper gives no DPO hyperparameters
+    ref_cache: str = ""  # reference log-prob cache file; default <output_dir>/ref_logps.pt
+
+
+@dataclass
+class RunConfig:
+    stage: str = "pretrain"  # pretrain | midtrain | sft | dpo
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+
+def _valid_keys(schema_node: Any) -> list[str]:
+    return sorted(schema_node.keys()) if OmegaConf.is_dict(schema_node) else []
+
+
+def _explain(exc: OmegaConfBaseException, base, where: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    if isinstance(exc, ConfigKeyError):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.select(base, parent) if parent else base
+        choices = ", ".join(_valid_keys(node))
+        return ConfigError(f"{where}: unknown key '{key}'. Valid keys{' under ' + repr(parent) if parent else ''}: {choices}")
+    if isinstance(exc, ValidationError):
+        msg = str(exc).splitlines()[0]
+        return ConfigError(f"{where}: bad value for '{key}': {msg}")
+    return ConfigError(f"{where}: {str(exc).splitlines()[0]} (key '{key}')")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def _resolve_model_preset(raw: dict, where: str) -> dict:
+    """`model: {preset: tiny, ...}` takes configs/model/tiny.yaml as the base of the model section."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or "preset" not in model:
+        return raw
+    model = dict(model)
+    preset = str(model.pop("preset"))
+    preset_path = Path(preset) if preset.endswith(".yaml") else MODEL_PRESET_DIR / f"{preset}.yaml"
+    if not preset_path.is_file():
+        names = sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"{where}: model.preset={preset!r} not found; available presets: {names}")
+    base = _read_yaml(preset_path)
+    return {**raw, "model": {**base, **model}}
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), schema: type = RunConfig):
+    """defaults < YAML < dot-list overrides, typed and validated; derived values filled in for RunConfig."""
+    base = OmegaConf.structured(schema)
+    where = str(path) if path else "<defaults>"
+    raw = _read_yaml(Path(path)) if path else {}
+    if schema is RunConfig:
+        raw = _resolve_model_preset(raw, where)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.max_steps=20)")
+    merged = base
+    for source, layer in ((where, lambda: OmegaConf.create(raw)),
+                          ("command-line override", lambda: OmegaConf.from_dotlist(list(overrides)))):
+        try:
+            merged = OmegaConf.merge(merged, layer())
+        except OmegaConfBaseException as e:
+            raise _explain(e, base, source) from None
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _explain(e, base, where) from None
+    if schema is RunConfig:
+        finalize(cfg, where)
+    elif hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def _choice(value, choices, key: str, where: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where}: {key}={value!r}; expected one of {list(choices)}")
+
+
+def finalize(cfg: RunConfig, where: str = "<config>") -> RunConfig:
+    """Validate choices and ranges, and derive values that must not be written twice."""
+    _choice(cfg.stage, STAGES, "stage", where)
+    _choice(cfg.train.resume, ("auto", "none"), "train.resume", where)
+    _choice(cfg.train.device, ("auto", "cpu", "cuda"), "train.device", where)
+    _choice(cfg.train.precision, ("auto", "bf16", "fp32"), "train.precision", where)
+    _choice(cfg.optim.schedule, SCHEDULES, "optim.schedule", where)
+    _choice(cfg.deepspeed.zero_stage, (0, 1, 2, 3), "deepspeed.zero_stage", where)
+    _choice(cfg.logging.wandb.mode, ("online", "offline", "disabled"), "logging.wandb.mode", where)
+    _choice(cfg.dpo.loss, ("sigmoid", "ipo"), "dpo.loss", where)
+    for src in cfg.data.sources:
+        _choice(src.provenance, PROVENANCES, f"data.sources[{src.name}].provenance", where)
+    try:
+        cfg.model.validate()
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    t = cfg.train
+    for key in ("seq_len", "global_batch", "micro_batch", "save_every", "keep_last", "log_every"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"{where}: train.{key}={getattr(t, key)} must be > 0")
+    if t.global_batch % t.micro_batch:
+        raise ConfigError(f"{where}: train.global_batch={t.global_batch} is not divisible by "
+                          f"train.micro_batch={t.micro_batch}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"{where}: optim.betas={cfg.optim.betas}; expected two values in [0, 1)")
+    if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
+        raise ConfigError(f"{where}: deepspeed.offload_params needs deepspeed.zero_stage=3")
+    # Derived: step count from the token budget, and the model's context from the training window.
+    if t.max_steps <= 0:
+        if t.total_tokens <= 0:
+            raise ConfigError(f"{where}: set train.max_steps or train.total_tokens")
+        t.max_steps = math.ceil(t.total_tokens / (t.global_batch * t.seq_len))
+    if t.total_tokens <= 0:
+        t.total_tokens = t.max_steps * t.global_batch * t.seq_len
+    if cfg.data.total_tokens <= 0:
+        cfg.data.total_tokens = t.total_tokens
+    cfg.model.max_seq_len = max(cfg.model.max_seq_len, t.seq_len)
+    return cfg
+
+
+def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
+    """global batch / (micro batch x world size); an error when it does not divide."""
+    per_step = cfg.train.micro_batch * world_size
+    if cfg.train.global_batch % per_step:
+        raise ConfigError(
+            f"train.global_batch={cfg.train.global_batch} is not divisible by train.micro_batch="
+            f"{cfg.train.micro_batch} x world size {world_size} = {per_step}")
+    return cfg.train.global_batch // per_step
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg, path: str | os.PathLike) -> None:
+    atomic_write(path, to_yaml(cfg))
+
+
+def from_dict(d: dict, schema: type = RunConfig):
+    """Rebuild a config saved in a checkpoint (already resolved: no finalize needed)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(d)))
