@@ -204,10 +204,15 @@ class Transformer(nn.Module):
     def init_weights(self) -> None:
         """Normal(0, init_std) for every matrix, ones for norms (the HF initializer_range convention)."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding, LMHead)):
-                nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+            self.init_module(module)
+
+    @torch.no_grad()
+    def init_module(self, module: nn.Module) -> None:
+        """Initialise one module's own parameters (callers that shard parameters gather them around this)."""
+        if isinstance(module, (nn.Linear, nn.Embedding, LMHead)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
 
     def set_rope_theta(self, theta: float) -> None:
         """RoPE has no weights: changing the base (midtraining) is a config change."""

@@ -51,6 +51,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     max_bad_steps_in_row: int = 5  # non-finite loss/grad-norm steps skipped in a row before the run stops
     compile: bool = False  # torch.compile each block
+    stop_after_steps: int = 0  # save and exit 75 (resume me) after this many steps in this process; 0 = off
+    debug_nan_steps: list[int] = field(default_factory=list)  # fault injection (tests): NaN loss at these steps
 
 
 @dataclass
@@ -90,7 +92,7 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    peak_tflops: float = 989.0  # per-device dense bf16 peak for MFU (H100 SXM); measured GEMM rate on CPU
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = datasheet bf16 value of the GPU, or the measured CPU GEMM rate
 
 
 @dataclass
