@@ -122,7 +122,10 @@ def encode_records(tok, kind: str, records: list[Record]) -> list[np.ndarray | N
         if rec.error is not None:
             out.append(None)
             continue
-        ids = tok.encode(rec.payload) if kind == "text" else tok.apply_chat_template(rec.payload)
+        try:
+            ids = tok.encode(rec.payload) if kind == "text" else tok.apply_chat_template(rec.payload)
+        except Exception as e:  # the reader validated the record, so this is unexpected: say where it happened
+            raise PrepareError(f"{rec.location}: cannot tokenize this record: {e}") from e
         # array('I') converts a list of ints about 3x faster than np.array; frombuffer then shares its memory.
         arr = array("I", ids)
         arr.append(tok.eod_id)

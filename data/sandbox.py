@@ -3,15 +3,14 @@
 One fresh interpreter (`python -I -S -B`, no site-packages, no PYTHON* variables, minimal environment) runs in a fresh
 temporary directory, inside a network namespace (`unshare -n`, or `unshare -rn` as a normal user) when this machine
 allows it, and in its own process group. That runner forks one child per item, so items never share memory (they
-share the call's working directory). Each child
-gets an address-space limit (RLIMIT_AS), a CPU-time limit (RLIMIT_CPU), a file-size limit that also caps its output,
-a wall-clock limit enforced by the runner (SIGKILL), stdin from /dev/null, and a lockdown preamble: socket creation,
-process creation and the networking/process/ctypes modules are refused. Without a network namespace the preamble is
-the only network barrier and it is best effort: determined code can undo it. The outer process group is killed at the
-end, whatever happened.
+share the call's working directory). Each child gets an address-space limit (RLIMIT_AS), a CPU-time limit
+(RLIMIT_CPU), a file-size limit that also caps its output, a wall-clock limit enforced by the runner (SIGKILL), stdin
+from /dev/null, and a lockdown preamble: socket creation, process creation and the networking/process/ctypes modules
+are refused. Without a network namespace the preamble is the only network barrier and it is best effort: determined
+code can undo it. The outer process group is killed at the end, whatever happened.
 
 A child passes only when its tests ran to the end: it then writes a per-run random nonce to a pipe, so code that calls
-`os._exit(0)` before the tests does not pass.
+`os._exit(0)` before the tests does not pass (best effort too: the nonce is in the forked child's memory).
 """
 from __future__ import annotations
 

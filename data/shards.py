@@ -12,6 +12,7 @@ gives the same shards.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ TOKEN_BYTES = 4
 OFFSET_BYTES = 8
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
+LOCK = ".writer.lock"
 DEFAULT_SHARD_TOKENS = 1 << 28  # 256 Mi tokens = 1 GiB per token file
 HASH_CHUNK_BYTES = 1 << 24
 PROVENANCES = ("synthetic", "organic")
@@ -117,6 +119,13 @@ class ShardWriter:
         self._offsets: list[int] = [0]
         self._cursor: Any = None
         self._closed = False
+        # One writer per directory: a second prepare on the same source would delete this one's temporary files.
+        self._lock = open(self.dir / LOCK, "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise ShardError(f"{self.dir}: another process is writing this source (it holds {LOCK})") from None
         remove_temp_files(self.dir)
         if (self.dir / MANIFEST).exists():
             (self.dir / MANIFEST).unlink()  # we are rewriting this source; a stale manifest must not survive
@@ -217,6 +226,7 @@ class ShardWriter:
         atomic_write(self.dir / MANIFEST, json.dumps(manifest, indent=1))
         (self.dir / PROGRESS).unlink(missing_ok=True)
         fsync_dir(self.dir)
+        self._lock.close()  # releases the flock
         return manifest
 
     def abort(self) -> None:
@@ -226,6 +236,7 @@ class ShardWriter:
             self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
         self._stack = self._file = self._hash = None
         self._closed = True
+        self._lock.close()
 
 
 _REQUIRED = {"format": int, "name": str, "provenance": str, "tokenizer": str, "dtype": str, "num_docs": int,

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 CHARS_PER_TOKEN = 4  # for budgets only; real token counts come from data.prepare
+MIN_DOC_CHARS = 200
 # A document qualifies as long when len(text) >= LONG_CHARS_PER_TOKEN * min_tokens: conservative (stdlib code runs
 # ~4.3 chars per cl100k token), so a "long" document really holds at least min_tokens tokens.
 LONG_CHARS_PER_TOKEN = 5
@@ -108,8 +109,8 @@ def harvest_stdlib(seed: int, code_tokens: int, text_tokens: int, long_tokens: i
             source = (root / rel).read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        if not source.strip():
-            continue
+        if len(source.strip()) < MIN_DOC_CHARS:
+            continue  # one-line __init__ files and the like teach nothing
         # A long document may overshoot the long budget by at most long_min_tokens (small scales stay small).
         room = budgets["long"] - used["long"] + long_min_tokens
         if len(source) >= long_min_chars and approx_tokens(source) <= room:

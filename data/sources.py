@@ -7,6 +7,7 @@ Every error names the file and the line (jsonl), row (parquet) or file (text fil
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import zlib
@@ -101,19 +102,25 @@ def _decompressed_chunks(path: Path) -> Iterator[bytes]:
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, line bytes without the newline); a partial last line of a truncated stream is dropped."""
-    n, rest = 0, b""
+    n, pending = 0, []  # pending: pieces of a line not yet ended (a long line spans many chunks)
     try:
         for chunk in _decompressed_chunks(path):
-            lines = (rest + chunk).split(b"\n")
-            rest = lines.pop()
+            if b"\n" not in chunk:
+                pending.append(chunk)
+                continue
+            lines = b"".join(pending + [chunk]).split(b"\n")
+            pending = [lines.pop()]
             for line in lines:
                 n += 1
+                if n == 1 and line.startswith(codecs.BOM_UTF8):  # editors on Windows write one
+                    line = line[len(codecs.BOM_UTF8):]
                 yield n, line
     except SourceError as e:
         raise SourceError(f"{path}: line {n + 1}", e.reason, f"{e.message}; "
                           f"{n} complete lines were read before it") from None
+    rest = b"".join(pending)
     if rest:
-        yield n + 1, rest
+        yield n + 1, rest[len(codecs.BOM_UTF8):] if n == 0 and rest.startswith(codecs.BOM_UTF8) else rest
 
 
 def _check_text(text, field: str, location: str) -> str:
@@ -229,7 +236,7 @@ def _text_file_record(path: Path, fi: int) -> Record:
         if not data:
             raise SourceError(location, "empty_file", "file is empty; expected a text document")
         try:
-            text = data.decode("utf-8")
+            text = data.decode("utf-8-sig")  # a leading byte-order mark is not part of the text
         except UnicodeDecodeError as e:
             line = data.count(b"\n", 0, e.start) + 1
             raise SourceError(f"{path}: line {line}", "invalid_utf8", f"invalid UTF-8 at byte {e.start} of the "

@@ -49,3 +49,22 @@ def fused_linear_cross_entropy(h, weight, labels, chunk_tokens: int = 1024, redu
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r}; expected 'mean' or 'sum'")
     return _FusedLinearCrossEntropy.apply(h, weight, labels, chunk_tokens, reduction)
+
+
+def _chunk_nll(hc, weight, lab):
+    logits = (hc @ weight.t()).float()  # (c, V)
+    nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, lab.clamp(min=0)[:, None])[:, 0]
+    return nll * (lab != IGNORE_INDEX)
+
+
+def token_nll(h, weight, labels, chunk_tokens: int = 1024):
+    """Per-token negative log-likelihood (N,), 0 where labels are IGNORE_INDEX; logits recomputed per chunk in
+    backward, so memory stays at one chunk's logits (used for sequence log-probs: DPO, PTS, evaluation)."""
+    from torch.utils.checkpoint import checkpoint
+
+    chunk_tokens = chunk_tokens or h.shape[0]
+    parts = []
+    for start in range(0, h.shape[0], chunk_tokens):
+        args = (h[start:start + chunk_tokens], weight, labels[start:start + chunk_tokens])
+        parts.append(checkpoint(_chunk_nll, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_nll(*args))
+    return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
-from model.loss import fused_linear_cross_entropy
+from model.loss import fused_linear_cross_entropy, token_nll
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -168,6 +168,9 @@ class LMHead(nn.Module):
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean"):
         if labels is None:
             return F.linear(h, self.weight)  # (B, T, V)
+        if reduction == "none":  # per-token NLL (B, T), 0 where unlabelled
+            return token_nll(h.reshape(-1, h.shape[-1]), self.weight, labels.reshape(-1),
+                             self.chunk_tokens).view(labels.shape)
         h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
         if self.chunk_tokens > 0:
             return fused_linear_cross_entropy(h, self.weight, labels, self.chunk_tokens, reduction)
@@ -243,7 +246,7 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,  # (B, T)
         cu_seqlens: torch.Tensor | None = None,  # document boundaries over the flattened B*T tokens
         max_seqlen: int | None = None,
-        reduction: str = "mean",  # mean over labelled tokens, or sum (the trainer normalises globally)
+        reduction: str = "mean",  # mean over labelled tokens | sum (the trainer normalises globally) | none (B, T)
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,  # (B, S) bool key mask, only with kv_cache
         return_hidden: bool = False,

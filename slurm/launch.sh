@@ -210,8 +210,10 @@ PY
             exit "$REQUEUE_EXIT"
         fi
         say "the trainers saved a checkpoint at step $step and stopped (exit $REQUEUE_EXIT): requeueing job $SLURM_JOB_ID"
+        say "(torchrun reports the trainers' exit $REQUEUE_EXIT as a failure above: expected)"
+        trap - TERM USR1
         # On success Slurm ends this script here and runs the job again later.
-        scontrol requeue "$SLURM_JOB_ID" && sleep 60
+        scontrol requeue "$SLURM_JOB_ID" && sleep 300
         say "error: scontrol requeue failed (was the job submitted with --requeue?); resubmit to continue"
         exit "$REQUEUE_EXIT"
     fi

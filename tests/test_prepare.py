@@ -167,6 +167,20 @@ def test_bad_input_skipped_and_counted(tmp_path, tok, case):
     assert all(d in (tok.encode("good document") + [EOD], tok.encode("line one") + [EOD]) for d in docs[:-1])
 
 
+def test_iter_documents_policy(tmp_path):
+    from collections import Counter
+
+    from data.sources import SourceError, iter_documents
+
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + jsonl_bytes([GOOD, {"text": ""}, GOOD]) + b"{oops\n")  # leading BOM is fine
+    skipped = Counter()
+    assert [r.payload for r in iter_documents([p], on_error="skip", skipped=skipped)] == ["good document"] * 2
+    assert skipped == {"empty_document": 1, "malformed_json": 1}
+    with pytest.raises(SourceError, match=r"a\.jsonl: line 2: key 'text' is an empty document"):
+        list(iter_documents([p]))
+
+
 def test_bad_chat_record(tmp_path, tok):
     p = tmp_path / "c.jsonl"
     p.write_bytes(jsonl_bytes([{"messages": CHATS[0]}, {"messages": [{"role": "robot", "content": "x"}]}]))

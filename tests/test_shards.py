@@ -140,6 +140,7 @@ def test_writer_resume_keeps_verified_shards_only(tmp_path):
     (d / f"shard_{kept:05d}.bin").write_bytes(b"\0" * 12)
     assert list(d.glob(".*.tmp"))
     # Corrupt the second complete shard: it and everything after it must be rewritten.
+    w._lock.close()  # the "killed" process's lock dies with it
     bad = d / "shard_00001.bin"
     bad.write_bytes(b"\1" * bad.stat().st_size)
     r = ShardWriter(d, "s", "organic", FP, shard_tokens=16, settings={"k": 1}, resume=True)
@@ -161,7 +162,7 @@ def test_abort_drops_open_shard(tmp_path):
     w = ShardWriter(tmp_path / "s", "s", "organic", FP, shard_tokens=100)
     w.add([1, 2, EOD])
     w.abort()
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [PROGRESS]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".writer.lock", PROGRESS]
 
 
 def test_pickle_reopens_memmaps(tmp_path):
@@ -171,3 +172,12 @@ def test_pickle_reopens_memmaps(tmp_path):
     src.doc(0)
     clone = pickle.loads(pickle.dumps(src))
     assert clone.doc(11).tolist() == docs[11]
+
+
+def test_one_writer_per_directory(tmp_path):
+    w = ShardWriter(tmp_path / "s", "s", "organic", FP)
+    with pytest.raises(ShardError, match="another process is writing this source"):
+        ShardWriter(tmp_path / "s", "s", "organic", FP)
+    w.add([1, EOD])
+    w.close()
+    ShardWriter(tmp_path / "s", "s", "organic", FP).abort()  # free again once the first one is closed

@@ -100,6 +100,7 @@ class DPOConfig:
     loss: str = "sigmoid"  # sigmoid (DPO) | ipo
     beta: float = 0.1  # ASSUMPTION: the paper gives no DPO hyperparameters
     ref_cache: str = ""  # reference log-prob cache file; default <output_dir>/ref_logps.pt
+    ref_chunk_pairs: int = 2048  # pairs per resumable chunk of the reference log-prob computation
 
 
 @dataclass
@@ -149,19 +150,25 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
-def _resolve_model_preset(raw: dict, where: str) -> dict:
-    """`model: {preset: tiny, ...}` takes configs/model/tiny.yaml as the base of the model section."""
-    model = raw.get("model")
-    if not isinstance(model, dict) or "preset" not in model:
-        return raw
-    model = dict(model)
-    preset = str(model.pop("preset"))
-    preset_path = Path(preset) if preset.endswith(".yaml") else MODEL_PRESET_DIR / f"{preset}.yaml"
-    if not preset_path.is_file():
-        names = sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml"))
-        raise ConfigError(f"{where}: model.preset={preset!r} not found; available presets: {names}")
-    base = _read_yaml(preset_path)
-    return {**raw, "model": {**base, **model}}
+def _resolve_includes(raw: dict, where: str) -> dict:
+    """`model: {preset: tiny}` takes configs/model/tiny.yaml as the base of the model section, and
+    `data: {mixture: configs/data/x.yaml}` a mixture file as the base of the data section; keys beside them win."""
+    for section, key in (("model", "preset"), ("data", "mixture")):
+        body = raw.get(section)
+        if not isinstance(body, dict) or key not in body:
+            continue
+        body = dict(body)
+        name = str(body.pop(key))
+        if section == "model" and not name.endswith(".yaml"):
+            path = MODEL_PRESET_DIR / f"{name}.yaml"
+        else:
+            path = Path(name) if Path(name).is_absolute() else REPO_ROOT / name
+        if not path.is_file():
+            hint = f"; available presets: {sorted(p.stem for p in MODEL_PRESET_DIR.glob('*.yaml'))}" \
+                if section == "model" else ""
+            raise ConfigError(f"{where}: {section}.{key}={name!r} not found{hint}")
+        raw = {**raw, section: {**_read_yaml(path), **body}}
+    return raw
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), schema: type = RunConfig):
@@ -170,7 +177,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), s
     where = str(path) if path else "<defaults>"
     raw = _read_yaml(Path(path)) if path else {}
     if schema is RunConfig:
-        raw = _resolve_model_preset(raw, where)
+        raw = _resolve_includes(raw, where)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.max_steps=20)")
@@ -181,6 +188,8 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), s
             merged = OmegaConf.merge(merged, layer())
         except OmegaConfBaseException as e:
             raise _explain(e, base, source) from None
+        except (TypeError, ValueError) as e:  # e.g. a dot-list index into a list of sections
+            raise ConfigError(f"{source}: cannot apply ({e}); for list entries edit the YAML file") from None
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:

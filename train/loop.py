@@ -109,6 +109,7 @@ class Trainer:
                      meta.get("world_size"), d.world_size)
         elif cfg.train.resume == "auto" and (self.run_dir / "checkpoints").is_dir():
             log.warning("train.resume=auto: no complete checkpoint in %s; starting from step 0", self.run_dir)
+        stages.before_training(cfg, self.engine, self.batches, d)  # e.g. DPO's reference log-prob cache
         self.metrics = MetricsLogger(self.run_dir, cfg.logging.wandb, to_dict(cfg), d.is_main, self.step,
                                      git_commit(REPO_ROOT) if d.is_main else "")
         self.peak_tflops = peak_tflops(cfg.logging.peak_tflops, d.device)
@@ -158,16 +159,16 @@ class Trainer:
         return EXIT_OK
 
     def _train_step(self, micro: list[dict]) -> dict:
-        """Token-weighted loss over the global batch: each micro-batch's summed loss / global labelled tokens."""
+        """Loss averaged over the global batch's loss units (labelled tokens for LM stages, pairs for DPO)."""
         cfg, d, engine = self.cfg, self.dist, self.engine
-        local_labelled = float(sum(stages.labelled_tokens(mb) for mb in micro))
+        local_units = float(sum(stages.loss_units(mb) for mb in micro))
         local_tokens = float(sum(stages.input_tokens(mb) for mb in micro))
-        n_labelled, n_tokens = _all_reduce_sum([local_labelled, local_tokens], d.device)
-        if n_labelled == 0:
-            raise RuntimeError(f"step {self.step + 1}: the global batch has no labelled token (all labels are -100)")
+        n_units, n_tokens = _all_reduce_sum([local_units, local_tokens], d.device)
+        if n_units == 0:
+            raise RuntimeError(f"step {self.step + 1}: the global batch has nothing to learn from (all labels -100)")
         # DeepSpeed divides by accumulation steps and averages over ranks; undo both so the gradient is
-        # sum(loss) / n_labelled whatever the world size.
-        scale = d.world_size * self.accum / n_labelled
+        # sum(loss) / n_units whatever the world size and however the units fall across micro-batches.
+        scale = d.world_size * self.accum / n_units
         loss_sum, extras = torch.zeros((), dtype=torch.float64, device=d.device), {}
         grad_norm = None
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
@@ -186,7 +187,7 @@ class Trainer:
         if grad_norm is None:
             norm = engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else float("nan")
-        loss = total_loss / n_labelled
+        loss = total_loss / n_units
         skipped = getattr(self.optimizer, "last_step_skipped", False)
         self.skipped += int(skipped)
         self.tokens_seen += int(n_tokens)
@@ -194,7 +195,7 @@ class Trainer:
                   "grad_norm": grad_norm, "tokens_seen": self.tokens_seen,
                   "train/skipped_steps": self.skipped, "train/ds_skipped_steps": int(engine.skipped_steps),
                   "bad": skipped or not math.isfinite(loss) or not math.isfinite(grad_norm)}
-        values.update(stages.step_metrics(dict(zip(extras, extra_sums)), n_labelled, cfg))
+        values.update(stages.step_metrics(dict(zip(extras, extra_sums)), n_units, cfg))
         if values["bad"]:
             log.warning("step %d: non-finite loss %.4g / grad norm %.4g: update skipped", self.step + 1, loss,
                         grad_norm)
@@ -234,7 +235,7 @@ class Trainer:
             for mb in batches:
                 loss, _ = self.loss_fn(_to_device(mb, self.dist.device))
                 sums[0] += float(loss)
-                sums[1] += stages.labelled_tokens(mb)
+                sums[1] += stages.loss_units(mb)
             total, count = _all_reduce_sum(sums, self.dist.device)
             results[f"eval/loss/{name}"] = total / max(count, 1)
         self.engine.train()

@@ -51,6 +51,18 @@ class PackedLMBatches:
 def build_batch_source(cfg: RunConfig, rank: int, world_size: int):
     if cfg.stage in LM_STAGES:
         return PackedLMBatches(cfg, rank, world_size)
+    if cfg.stage == "sft":
+        from data.chat import ChatBatches
+
+        return ChatBatches(cfg.data.sft_path, seq_len=cfg.train.seq_len, micro_batch=cfg.train.micro_batch,
+                           global_batch=cfg.train.global_batch, rank=rank, world_size=world_size,
+                           seed=cfg.data.seed, pack=cfg.data.pack, held_out_fraction=cfg.data.held_out_fraction)
+    if cfg.stage == "dpo":  # train.global_batch / micro_batch count preference pairs
+        from data.pairs import PairBatches
+
+        return PairBatches(cfg.data.dpo_path, seq_len=cfg.train.seq_len, micro_batch=cfg.train.micro_batch,
+                           global_batch=cfg.train.global_batch, rank=rank, world_size=world_size,
+                           seed=cfg.data.seed, held_out_fraction=cfg.data.held_out_fraction)
     raise ConfigError(f"stage={cfg.stage!r} has no batch source yet")
 
 
@@ -63,12 +75,32 @@ def validate(cfg: RunConfig) -> None:
             if not src.path or not (Path(src.path) / "manifest.json").is_file():
                 raise ConfigError(f"data.sources[{src.name}].path={src.path!r}: no prepared shards "
                                   f"(manifest.json); run `python -m data.prepare` first")
+    if cfg.stage == "sft":
+        if not cfg.data.sft_path or not Path(cfg.data.sft_path).is_file():
+            raise ConfigError(f"stage=sft: data.sft_path={cfg.data.sft_path!r} is not a file (jsonl of conversations)")
+        if cfg.data.pack and not cfg.model.doc_masking:
+            raise ConfigError("stage=sft: data.pack=true needs model.doc_masking=true, or packed conversations would "
+                              "attend to each other (set data.pack=false to train one conversation per row)")
+    if cfg.stage == "dpo":
+        if not cfg.data.dpo_path or not Path(cfg.data.dpo_path).is_file():
+            raise ConfigError(f"stage=dpo: data.dpo_path={cfg.data.dpo_path!r} is not a file (jsonl of pairs)")
+        if not cfg.train.init_from:
+            raise ConfigError("stage=dpo needs train.init_from: the starting checkpoint is also the reference model")
+        if not cfg.model.doc_masking:
+            raise ConfigError("stage=dpo packs sequences into rows and needs model.doc_masking=true")
+        if cfg.dpo.beta <= 0 or cfg.dpo.ref_chunk_pairs <= 0:
+            raise ConfigError(f"dpo.beta={cfg.dpo.beta} and dpo.ref_chunk_pairs={cfg.dpo.ref_chunk_pairs} must be > 0")
     if cfg.train.init_from and not Path(cfg.train.init_from).exists():
         raise ConfigError(f"train.init_from={cfg.train.init_from!r} does not exist")
 
 
 def loss_function(cfg: RunConfig, engine, batches):
     """fn(batch) -> (summed loss over labelled tokens, extra stats to sum over the global batch)."""
+    if cfg.stage == "dpo":
+        from train.dpo import dpo_loss_function
+
+        return dpo_loss_function(cfg, engine, batches)  # loss summed over the batch's pairs
+
     def lm_loss(batch: dict):
         loss = engine(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
                       cu_seqlens=batch.get("cu_seqlens"), max_seqlen=batch.get("max_seqlen"), reduction="sum")
@@ -76,7 +108,10 @@ def loss_function(cfg: RunConfig, engine, batches):
     return lm_loss
 
 
-def labelled_tokens(batch: dict) -> int:
+def loss_units(batch: dict) -> int:
+    """What the loss is averaged over: labelled tokens (LM stages, SFT), preference pairs (DPO)."""
+    if "num_pairs" in batch:
+        return int(batch["num_pairs"])
     return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
@@ -84,7 +119,20 @@ def input_tokens(batch: dict) -> int:
     return int(batch["input_ids"].numel())
 
 
-def step_metrics(extras: dict, n_labelled: float, cfg: RunConfig) -> dict:
+def before_training(cfg: RunConfig, engine, batches, dist_info) -> None:
+    """Work between building the engine and the first step: DPO's reference log-probs (nothing for the others)."""
+    if cfg.stage == "dpo":
+        from train.dpo import prepare_reference
+
+        prepare_reference(cfg, engine, batches, dist_info)
+
+
+def step_metrics(extras: dict, n_units: float, cfg: RunConfig) -> dict:
+    """Stage metrics from the loss function's summed stats: DPO rewards, margin, accuracy (nothing for the others)."""
+    if cfg.stage == "dpo":
+        from train.dpo import step_metrics as dpo_metrics
+
+        return dpo_metrics(extras, n_units)
     return {}
 
 

@@ -1,0 +1,121 @@
+"""Batched KV-cache generation: parity with full forwards, left padding invisible, reproducible sampling."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import KVCache, ModelConfig, Transformer
+from model.generate import generate, left_pad
+
+# The real vocabulary (pad 100349 and eos 100265 are real ids); a larger init std makes the next-token distributions
+# peaked enough that greedy choices are far from ties.
+CFG = dict(vocab_size=100_352, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64,
+           init_std=0.2)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**CFG)).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 100_000, (n,), generator=g).tolist() for n in (3, 9, 14)]
+
+
+def full_forward_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the last position's logits, recomputed from scratch without a cache: (V,)."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), dim=-1)
+
+
+def test_left_padded_cached_logits_equal_unpadded_full_forward(model, prompts):
+    ids, mask, positions = left_pad(prompts)
+    assert positions[0].tolist()[-3:] == [0, 1, 2] and not mask[0, :-3].any()
+    L, extra = ids.shape[1], 3
+    cache = KVCache(model.cfg, len(prompts), L + extra, "cpu", torch.float32)
+    follow = torch.tensor([[11, 12, 13]] * len(prompts))  # fed after each prompt, one token at a time
+    with torch.no_grad():
+        prefill = model(ids, position_ids=positions, kv_cache=cache, attention_mask=mask)
+        full_mask = torch.cat([mask, torch.ones(len(prompts), extra, dtype=torch.bool)], dim=1)
+        steps = [model(follow[:, t:t + 1], position_ids=positions[:, -1:] + 1 + t, kv_cache=cache,
+                       attention_mask=full_mask[:, :L + t + 1]) for t in range(extra)]
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.tensor([prompt + follow[row].tolist()]))[0]  # (n + 3, V)
+            n = len(prompt)
+            torch.testing.assert_close(prefill[row, L - n:], alone[:n], atol=1e-4, rtol=0)
+            for t in range(extra):
+                torch.testing.assert_close(steps[t][row, 0], alone[n + t], atol=1e-4, rtol=0)
+
+
+def test_greedy_batch_equals_stepwise_argmax_and_each_prompt_alone(model, prompts):
+    new = 6
+    batch = generate(model, prompts, new, temperature=0, eos_ids=())
+    for prompt, got in zip(prompts, batch):
+        seq, expected_tokens = list(prompt), []
+        for _ in range(new):
+            logprobs = full_forward_logprobs(model, seq)
+            token = int(logprobs.argmax())
+            margin = logprobs.topk(2).values
+            assert margin[0] - margin[1] > 1e-3  # the comparison is meaningful: no near-tie
+            expected_tokens.append(token)
+            assert got.logprobs[len(expected_tokens) - 1] == pytest.approx(float(logprobs[token]), abs=1e-4)
+            seq.append(token)
+        assert got.tokens == expected_tokens and not got.finished
+        alone = generate(model, [prompt], new, temperature=0, eos_ids=())[0]
+        assert alone.tokens == got.tokens
+        assert alone.logprobs == pytest.approx(got.logprobs, abs=1e-4)
+    assert len({tuple(g.tokens) for g in batch}) > 1  # the prompts lead to different continuations
+
+
+def test_seeded_sampling_is_reproducible_and_logprobs_are_model_logprobs(model, prompts):
+    batch = [prompts[0], prompts[0], prompts[1], prompts[0]]  # repeated prompts share one prefill
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, batch, 5, temperature=1.5, top_p=0.95, eos_ids=(), generator=g)
+
+    first, again, other = run(7), run(7), run(8)
+    assert [g.tokens for g in first] == [g.tokens for g in again]
+    assert [g.tokens for g in first] != [g.tokens for g in other]
+    assert len({tuple(first[i].tokens) for i in (0, 1, 3)}) > 1  # copies of one prompt sample independently
+    for prompt, got in zip(batch, first):
+        seq = list(prompt)
+        for token, logprob in zip(got.tokens, got.logprobs):
+            # log-prob at temperature 1, not of the tempered/truncated sampling distribution
+            assert logprob == pytest.approx(float(full_forward_logprobs(model, seq)[token]), abs=1e-4)
+            seq.append(token)
+
+
+def test_top_p_samples_only_from_the_nucleus(model, prompts):
+    g = torch.Generator().manual_seed(0)
+    out = generate(model, [prompts[2]] * 16, 1, temperature=1.0, top_p=0.3, eos_ids=(), generator=g)
+    probs = full_forward_logprobs(model, prompts[2]).exp()
+    sorted_probs, order = probs.sort(descending=True)
+    nucleus_size = int((sorted_probs.cumsum(0) - sorted_probs < 0.3).sum())
+    nucleus = set(order[:nucleus_size].tolist())
+    # Sampling from the whole distribution would leave the nucleus (30% of the mass) with p = 0.7 per draw.
+    assert nucleus_size < 100_352 // 4 and {o.tokens[0] for o in out} <= nucleus
+
+
+def test_rows_stop_at_eos_and_others_continue(model, prompts):
+    greedy = generate(model, prompts, 6, temperature=0, eos_ids=())
+    stop = greedy[1].tokens[2]  # make the third greedy token of prompt 1 a stop token
+    assert stop not in greedy[0].tokens + greedy[2].tokens
+    out = generate(model, prompts, 6, temperature=0, eos_ids=(stop,))
+    assert out[1].tokens == greedy[1].tokens[:3] and out[1].finished
+    assert len(out[1].logprobs) == 3
+    for i in (0, 2):  # the batch shrank when row 1 finished; the others are unaffected
+        assert out[i].tokens == greedy[i].tokens and not out[i].finished
+        assert out[i].logprobs == pytest.approx(greedy[i].logprobs, abs=1e-4)
+
+
+def test_bad_arguments_are_refused(model, prompts):
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, [prompts[2]], 60)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[]], 2)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, prompts, 2, top_p=0.0)

@@ -1,0 +1,184 @@
+"""The model on its own: exact 14B shape, packing with document masking, the fused loss, checkpointing, decoding."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model import KVCache, ModelConfig, Transformer, count_params
+from model import transformer as transformer_module
+
+SMALL = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160)
+
+
+def _model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**{**SMALL, **overrides}))
+
+
+def test_phi4_14b_on_meta_device_has_exact_parameter_count():
+    with torch.device("meta"):
+        model = Transformer(ModelConfig())
+    assert count_params(model) == 14_659_507_200 == ModelConfig().num_params()
+    assert all(p.is_meta for p in model.parameters())  # nothing allocated
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size) == (
+        40, 5120, 40, 10, 17920, 100_352)
+    assert model.layers[0].attention.wqkv.weight.shape == (7680, 5120)  # Q 5120 | K 1280 | V 1280
+    assert model.layers[0].feed_forward.w13.weight.shape == (35840, 5120)  # gate | up
+    assert model.output.weight is not model.tok_embeddings.weight  # untied
+    # FLOPs/token anchors of perf-reliability.md section 0: 94.9 and 125.1 GFLOP at 4K and 16K.
+    assert cfg.flops_per_token(4096) / 1e9 == pytest.approx(94.9, abs=0.05)
+    assert cfg.flops_per_token(16384) / 1e9 == pytest.approx(125.1, abs=0.05)
+
+
+def test_initial_loss_is_log_vocab():
+    model = _model(vocab_size=100_352)
+    x = torch.randint(0, 100_352, (2, 32))
+    assert model(x, labels=x).item() == pytest.approx(math.log(100_352), abs=0.05)
+
+
+def test_packed_documents_with_masking_equal_separate_documents():
+    model = _model()
+    lengths = [5, 11, 8, 8]  # two rows of 16 tokens: [5 | 11] and [8 | 8]
+    docs = [torch.randint(0, 512, (n,)) for n in lengths]
+    packed = torch.cat(docs).view(2, 16)
+    cu = torch.tensor([0, 5, 16, 24, 32], dtype=torch.int32)
+    logits = model(packed, cu_seqlens=cu).view(32, -1)
+    offsets = [0, 5, 16, 24]
+    for doc, start in zip(docs, offsets):
+        alone = model(doc[None])[0]
+        torch.testing.assert_close(logits[start:start + len(doc)], alone, atol=1e-5, rtol=1e-5)
+    # Without masking the second document sees the first: results differ.
+    unmasked = _model(doc_masking=False)(packed, cu_seqlens=cu).view(32, -1)
+    assert (unmasked[5:16] - logits[5:16]).abs().max() > 1e-3
+
+
+def test_position_ids_restart_per_document():
+    cu = torch.tensor([0, 3, 8, 10, 16], dtype=torch.int32)
+    pos = transformer_module.position_ids_from_cu_seqlens(cu, 2, 8)
+    assert pos.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 0, 1, 2, 3, 4, 5]]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
+    x = torch.randint(0, 512, (2, 24))
+    labels = torch.randint(0, 512, (2, 24))
+    labels[0, :6] = -100
+    results = []
+    for chunk_tokens in (0, chunk):
+        model = _model(loss_chunk_tokens=chunk_tokens)
+        for reduction in ("mean", "sum"):
+            model.zero_grad()
+            loss = model(x, labels=labels, reduction=reduction)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    for (plain_loss, plain_grads), (fused_loss, fused_grads) in ((results[0], results[2]), (results[1], results[3])):
+        torch.testing.assert_close(fused_loss, plain_loss, atol=1e-5, rtol=1e-6)
+        for a, b in zip(fused_grads, plain_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_per_token_nll_matches_full_logits():
+    model = _model(loss_chunk_tokens=5)
+    x = torch.randint(0, 512, (2, 12))
+    labels = x.roll(-1, dims=1)
+    labels[:, -1] = -100
+    nll = model(x, labels=labels, reduction="none")
+    logp = torch.log_softmax(model(x).float(), dim=-1)
+    expected = -logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
+    torch.testing.assert_close(nll, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_activation_checkpointing_computes_the_same():
+    x = torch.randint(0, 512, (2, 16))
+    grads = []
+    for ac in (False, True):
+        model = _model(activation_checkpointing=ac)
+        model(x, labels=x).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    model = _model().eval()
+    x = torch.randint(0, 512, (2, 10))
+    full = model(x)
+    cache = KVCache(model.cfg, batch_size=2, max_len=10, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        prefill = model(x[:, :6], kv_cache=cache)
+        steps = [model(x[:, t:t + 1], kv_cache=cache) for t in range(6, 10)]
+    torch.testing.assert_close(prefill, full[:, :6], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 6:], atol=1e-5, rtol=1e-5)
+
+
+def test_rope_theta_changes_outputs_and_is_config_only():
+    model = _model()
+    x = torch.randint(0, 512, (1, 32))
+    before = model(x)
+    model.set_rope_theta(250_000.0)
+    assert model.cfg.rope_theta == 250_000.0 and not any("rope" in n for n, _ in model.named_parameters())
+    assert (model(x) - before).abs().max() > 1e-4
+
+
+class FlashAttnTestDouble:
+    """A test double for flash-attn's two entry points (it cannot run without CUDA), written with SDPA,
+    to check our varlen plumbing: packing layout, cu_seqlens, GQA head layout."""
+
+    @staticmethod
+    def flash_attn_func(q, k, v, causal):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+        outs = []
+        for s, e in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()):
+            outs.append(FlashAttnTestDouble.flash_attn_func(q[None, s:e], k[None, s:e], v[None, s:e], causal)[0])
+        return torch.cat(outs)
+
+
+def test_flash_varlen_path_matches_sdpa_with_test_double():
+    """Our flash call (layouts, cu_seqlens over the flattened batch) against the SDPA block-diagonal path."""
+    model = _model(attn_backend="flash")
+    cu = torch.tensor([0, 5, 16, 24, 32], dtype=torch.int32)
+    ctx = model._attn_context(2, 16, torch.device("cpu"), cu, None, None, None)
+    q = torch.randn(2, 4, 16, 16)
+    k = torch.randn(2, 2, 16, 16)
+    v = torch.randn(2, 2, 16, 16)
+    via_flash = transformer_module.Attention._flash(FlashAttnTestDouble, q, k, v, ctx)
+    via_sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=ctx.sdpa_mask, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(via_flash, via_sdpa, atol=1e-5, rtol=1e-5)
+    unpacked = transformer_module.AttnContext(None, 16, None)  # no packing: flash_attn_func, plain causal
+    torch.testing.assert_close(transformer_module.Attention._flash(FlashAttnTestDouble, q, k, v, unpacked),
+                               torch.nn.functional.scaled_dot_product_attention(
+                                   q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_missing_flash_attn_falls_back_to_sdpa_and_logs_once(monkeypatch, caplog):
+    monkeypatch.setattr(transformer_module, "_FLASH", None)
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_flash(name, *args, **kwargs):
+        if name == "flash_attn":
+            raise ImportError("no flash-attn here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_flash)
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            assert transformer_module._flash_attn() is False
+    assert sum("falling back to PyTorch SDPA" in r.message for r in caplog.records) == 1
+
+
+def test_bad_shapes_are_refused_with_the_field_named():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelConfig(**{**SMALL, "n_kv_heads": 3}).validate()
+    with pytest.raises(ValueError, match="attn_backend"):
+        ModelConfig(**{**SMALL, "attn_backend": "xformers"}).validate()

@@ -1,0 +1,263 @@
+"""DPO: sequence log-probs, the sigmoid (DPO) and IPO losses, and the reference log-prob cache.
+
+The reference model is the stage's starting checkpoint (`train.init_from`). Its log-probs are computed once, before
+the first step, by the engine itself (at that point it holds exactly the starting weights), so training never holds
+a second model. They go to a cache file (`dpo.ref_cache`, default `<output_dir>/ref_logps.pt`):
+- keyed by the reference checkpoint's identity, the pairs file's sha256, the tokenizer/template fingerprint, the
+  max length, the model's numerics and the precision; a cache with another key is refused, never silently reused;
+- computed in chunks of `dpo.ref_chunk_pairs` pairs, sharded over ranks (rank r takes the r-th remaining chunk of
+  each round); every rank runs the same number of forwards, padding with a throw-away batch, because ZeRO-3
+  gathers parameters collectively;
+- resumable: each finished chunk is written atomically to `<cache>.parts/`; a restart skips the finished ones;
+  rank 0 then assembles the cache file atomically and removes the parts. The output_dir must be shared by ranks.
+Files hold tensors, strings and ints only and are read with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data.fileio import atomic_path
+from train.checkpoint import resolve_checkpoint_dir
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+# Model fields that do not change the numbers a forward pass computes (beyond kernel rounding).
+NON_NUMERIC_MODEL_FIELDS = ("activation_checkpointing", "loss_chunk_tokens", "attn_backend", "max_seq_len")
+
+
+class RefCacheError(RuntimeError):
+    """The reference log-prob cache cannot be used or built as asked; the message says why and what to do."""
+
+
+# ---- losses ----------------------------------------------------------------------------------------------
+def sequence_logps(model, batch: dict) -> torch.Tensor:
+    """(num_pairs, 2) summed log-probs of each pair's chosen (column 0) and rejected (column 1) completion."""
+    nll = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"], reduction="none")  # (R, T)
+    slot = batch["seq_slot"]  # (R, T): 2 j + side at completion targets, -1 elsewhere
+    keep = slot >= 0
+    n = int(batch["num_pairs"])
+    out = torch.zeros(2 * n, dtype=torch.float32, device=nll.device)
+    return out.index_add(0, slot[keep], -nll[keep].float()).view(n, 2)
+
+
+def preference_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float, kind: str = "sigmoid"):
+    """Per-pair losses (N,) and summed stats, from (N, 2) policy and reference log-probs [chosen, rejected].
+
+    h = (log pi_c - log pi_r) - (log ref_c - log ref_r). sigmoid (Rafailov et al.): -log sigmoid(beta h).
+    ipo (Azar et al.): (h - 1 / (2 beta))^2, on summed (not length-averaged) sequence log-probs.
+    Rewards are beta (log pi - log ref) per side; accuracy counts pairs whose chosen reward is the higher.
+    """
+    h = (policy[:, 0] - policy[:, 1]) - (reference[:, 0] - reference[:, 1])
+    if kind == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif kind == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"dpo.loss={kind!r}; expected 'sigmoid' or 'ipo'")
+    with torch.no_grad():
+        chosen = beta * (policy[:, 0] - reference[:, 0])
+        rejected = beta * (policy[:, 1] - reference[:, 1])
+        stats = {"rewards_chosen": chosen.sum(), "rewards_rejected": rejected.sum(),
+                 "rewards_margin": (chosen - rejected).sum(), "rewards_accuracy": (chosen > rejected).float().sum(),
+                 "logps_chosen": policy[:, 0].sum(), "logps_rejected": policy[:, 1].sum()}
+    return losses, stats
+
+
+def dpo_loss_function(cfg, engine, batches):
+    """fn(batch) -> (loss summed over the batch's pairs, summed stats); reads batches.ref_logps at call time."""
+    def dpo_loss(batch: dict):
+        if batches.ref_logps is None:
+            raise RefCacheError("reference log-probs are not loaded (train.stages.before_training must run first)")
+        policy = sequence_logps(engine, batch)
+        reference = batches.ref_logps[batch["pair_ids"].cpu()].to(device=policy.device, dtype=policy.dtype)
+        if not torch.isfinite(reference).all():
+            raise RefCacheError(f"reference log-probs missing for pairs {batch['pair_ids'].tolist()}")
+        losses, stats = preference_loss(policy, reference, cfg.dpo.beta, cfg.dpo.loss)
+        return losses.sum(), {k: float(v) for k, v in stats.items()}
+    return dpo_loss
+
+
+def step_metrics(extras: dict, n_pairs: float) -> dict:
+    """Per-pair means of the summed stats over the global batch, e.g. dpo/rewards_accuracy."""
+    return {f"dpo/{k}": v / max(n_pairs, 1.0) for k, v in extras.items()}
+
+
+# ---- the cache key ---------------------------------------------------------------------------------------
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def reference_identity(init_from: str) -> dict:
+    """What identifies the reference weights: a checkpoint's meta.json hash and its files' names, sizes, mtimes."""
+    path = Path(init_from)
+    if (path / "config.json").is_file():  # a Hugging Face directory
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+        kind, meta_sha = "hf", _sha256_file(path / "config.json")
+    else:
+        path, _ = resolve_checkpoint_dir(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        kind, meta_sha = "checkpoint", _sha256_file(path / "meta.json")
+    return {"kind": kind, "name": path.name, "meta_sha256": meta_sha,
+            "files": [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
+def cache_key(cfg, batches, precision: str) -> dict:
+    model = {k: v for k, v in asdict(cfg.model).items() if k not in NON_NUMERIC_MODEL_FIELDS}
+    return {"format": CACHE_FORMAT, "reference": reference_identity(cfg.train.init_from), "data": batches.identity,
+            "model": model, "precision": precision}
+
+
+def cache_path(cfg) -> Path:
+    return Path(cfg.dpo.ref_cache) if cfg.dpo.ref_cache else Path(cfg.output_dir) / "ref_logps.pt"
+
+
+def _check_key(found: str, key: dict, where: Path) -> None:
+    if found == json.dumps(key, sort_keys=True):
+        return
+    try:
+        old = json.loads(found)
+    except json.JSONDecodeError:
+        old = {}
+    differing = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k)) or ["?"]
+    raise RefCacheError(
+        f"reference log-prob cache {where} was computed for a different {', '.join(differing)} "
+        f"(data file, tokenizer/template, max length, reference checkpoint, model or precision) and cannot be used "
+        f"for this run. Delete it (and any '.parts' directory beside it) or set dpo.ref_cache to another path.")
+
+
+def load_ref_cache(path: Path, key: dict) -> torch.Tensor | None:
+    """(num_pairs, 2) float64 reference log-probs from a complete cache file, None when there is none."""
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    _check_key(saved["key"], key, path)
+    return saved["logps"]
+
+
+# ---- computing the cache ---------------------------------------------------------------------------------
+def _dist() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _from_rank0(value):
+    if dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def _max_over_ranks(n: int, device) -> int:
+    if not dist.is_initialized():
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _finished_chunks(parts: Path, key_json: str, chunks: list[np.ndarray]) -> list[int]:
+    """Indices of chunks already written by an interrupted run (rank 0 reads; a foreign key is refused)."""
+    done = []
+    for f in sorted(parts.glob("chunk_*.pt")):
+        saved = torch.load(f, map_location="cpu", weights_only=True)
+        _check_key(saved["key"], json.loads(key_json), f)
+        k = int(f.stem.split("_")[1])
+        if k < len(chunks) and np.array_equal(saved["pair_ids"].numpy(), chunks[k]):
+            done.append(k)
+    return done
+
+
+@torch.no_grad()
+def compute_ref_logps(model, batches, key: dict, path: Path, chunk_pairs: int, device, on_chunk=None) -> torch.Tensor:
+    """Reference log-probs of every usable pair by `model` (engine or module), written to `path`; see the docstring.
+
+    Every rank calls this. `on_chunk(k)` is called after chunk k is written (progress; tests interrupt with it).
+    """
+    rank, world = _dist()
+    key_json = json.dumps(key, sort_keys=True)
+    parts = path.with_name(path.name + ".parts")
+    ids = np.flatnonzero(batches.valid)
+    chunks = [ids[s:s + chunk_pairs] for s in range(0, len(ids), chunk_pairs)]
+    try:
+        done = _finished_chunks(parts, key_json, chunks) if rank == 0 and parts.is_dir() else []
+        message = None
+    except RefCacheError as e:
+        done, message = [], str(e)
+    done, message = _from_rank0((done, message))
+    if message:
+        raise RefCacheError(message)
+    todo = [k for k in range(len(chunks)) if k not in set(done)]
+    if rank == 0:
+        log.info("reference log-probs: %d pairs in %d chunks, %d already done, %d ranks -> %s", len(ids),
+                 len(chunks), len(done), world, path)
+    was_training = model.training
+    model.eval()
+    b = batches.micro_batch
+    for start in range(0, len(todo), world):
+        k = todo[start + rank] if start + rank < len(todo) else None
+        groups = [] if k is None else [chunks[k][s:s + b].tolist() for s in range(0, len(chunks[k]), b)]
+        n_forwards = _max_over_ranks(len(groups), device)
+        logps = []
+        for j in range(n_forwards):
+            if j < len(groups):
+                logps.append(sequence_logps(model, _to(batches.pairs_batch(groups[j]), device)).double().cpu())
+            else:  # a throw-away forward so that every rank joins the same ZeRO-3 gathers
+                sequence_logps(model, _to(batches.pairs_batch(ids[:1].tolist()), device))
+        if k is not None:
+            parts.mkdir(parents=True, exist_ok=True)
+            with atomic_path(parts / f"chunk_{k:06d}.pt") as tmp:
+                torch.save({"key": key_json, "pair_ids": torch.from_numpy(chunks[k].copy()),
+                            "logps": torch.cat(logps)}, tmp)
+            if on_chunk is not None:
+                on_chunk(k)
+        if rank == 0:
+            log.info("reference log-probs: %d/%d chunks", min(len(done) + start + world, len(chunks)), len(chunks))
+    model.train(was_training)
+    _barrier()
+    if rank == 0:
+        table = torch.full((batches.num_pairs, 2), float("nan"), dtype=torch.float64)
+        for k in range(len(chunks)):
+            saved = torch.load(parts / f"chunk_{k:06d}.pt", map_location="cpu", weights_only=True)
+            table[saved["pair_ids"]] = saved["logps"]
+        with atomic_path(path) as tmp:
+            torch.save({"key": key_json, "logps": table}, tmp)
+        shutil.rmtree(parts, ignore_errors=True)
+    _barrier()
+    return load_ref_cache(path, key)
+
+
+def prepare_reference(cfg, engine, batches, dist_info) -> None:
+    """The before_training hook: load the cache, or build it with the engine's (starting) weights."""
+    path = cache_path(cfg)
+    key = cache_key(cfg, batches, dist_info.precision)
+    if _from_rank0(path.is_file()):
+        batches.ref_logps = load_ref_cache(path, key)
+        log.info("reference log-probs: loaded %s", path)
+        return
+    if batches.resumed:
+        raise RefCacheError(
+            f"reference log-prob cache {path} is missing, but this run resumed from a checkpoint, so the engine no "
+            "longer holds the reference (starting) weights. Restore the cache file, or start the stage again in a "
+            "new output_dir.")
+    batches.ref_logps = compute_ref_logps(engine, batches, key, path, cfg.dpo.ref_chunk_pairs, dist_info.device)
