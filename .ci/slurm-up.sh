@@ -3,7 +3,8 @@
 #
 # Debian's slurm-wlm (22.05) + munge. One slurmctld and two slurmd daemons ("virtual nodes" n1 and n2, one CPU each,
 # both on 127.0.0.1 with their own ports, spool, pid and log files), so `srun -N 2` runs one task on each node.
-# Idempotent: when both nodes already answer, it does nothing. Needs root. Exits non-zero with diagnostics when the
+# Idempotent: when the daemons run and both nodes answer, it only rewrites slurm.conf if it changed (then
+# `scontrol reconfigure`). Needs root. Exits non-zero with diagnostics when the
 # cluster does not come up.
 #
 # Env: PHI4_SLURM_DIR (default /tmp/phi4-slurm) holds state, spool, pids and logs.
@@ -32,12 +33,6 @@ nodes_up() {
     states="$(sinfo -h -N -n n1,n2 -o '%N %t' 2>/dev/null | sort -u)" || return 1
     [ "$(echo "$states" | grep -cE '^n[12] (idle|alloc|mix|comp)$')" -eq 2 ]
 }
-
-if command -v sinfo >/dev/null 2>&1 && nodes_up; then
-    log "cluster already up"
-    sinfo -N
-    exit 0
-fi
 
 [ "$(id -u)" -eq 0 ] || { echo "[slurm-up] must run as root" >&2; exit 1; }
 
@@ -126,6 +121,7 @@ pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 if pid_alive "$BASE/run/slurmctld.pid"; then
     if [ "$CONF_CHANGED" = 1 ]; then log "slurm.conf changed: reconfiguring"; scontrol reconfigure || true; fi
+    nodes_up && { log "cluster already up"; sinfo -N; exit 0; }
 else
     log "starting slurmctld"
     slurmctld -i

@@ -93,13 +93,17 @@ def best_fit_rows(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 
 def pack_segments(segments: list[tuple[np.ndarray, np.ndarray]], rows: list[list[int]], seq_len: int,
-                  pad_id: int = PAD_ID) -> tuple[dict, np.ndarray]:
+                  pad_id: int = PAD_ID, trim_to: int = 0) -> tuple[dict, np.ndarray]:
     """A batch of len(rows) rows of seq_len from (inputs, labels) segments; rows list segment indices.
 
+    trim_to > 0: rows are as long as the fullest one, rounded up to a multiple of trim_to (at most seq_len).
     Returns the batch dict (input_ids, labels, position_ids, cu_seqlens, max_seqlen) and the segment index of
     every position, (B, T) int64, -1 on padding. A row's padding is one more segment in cu_seqlens.
     """
     B, T = len(rows), seq_len
+    if trim_to > 0:
+        fullest = max(sum(len(segments[s][0]) for s in row) for row in rows)
+        T = min(seq_len, -(-fullest // trim_to) * trim_to)
     input_ids = np.full((B, T), pad_id, dtype=np.int64)
     labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
     positions = np.zeros((B, T), dtype=np.int64)

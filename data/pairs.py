@@ -11,9 +11,10 @@ A pair is two sequences, prompt + chosen and prompt + rejected; only completion 
 longer sequence exceeds seq_len + 1 tokens are DROPPED (counted, logged), as are pairs whose two sides are equal.
 
 Batches: a micro-batch holds `micro_batch` pairs; their 2 x micro_batch sequences are packed best-fit into rows of
-seq_len with document masking (data/chat.py `pack_segments`). `seq_slot` (rows, T) gives, for every labelled
-position, the sequence it belongs to (2 j + 0 for pair j's chosen side, 2 j + 1 for its rejected side), -1
-elsewhere; `pair_ids` are the pairs' line-order indices (into the reference log-prob cache); `num_pairs` the count.
+at most seq_len with document masking (data/chat.py `pack_segments`); rows are as long as the fullest one,
+rounded up to ROW_MULTIPLE. `seq_slot` (rows, T) gives, for every labelled position, the sequence it belongs to
+(2 j + 0 for pair j's chosen side, 2 j + 1 for its rejected side), -1 elsewhere; `pair_ids` are the pairs'
+line-order indices (into the reference log-prob cache); `num_pairs` the count.
 Order: a sample is one pair; epoch e is a permutation of the training pairs seeded by (seed, e); the rank
 slicing and the resumable state are data/chat.py's.
 """
@@ -39,6 +40,7 @@ STATE_FORMAT = 1
 PAIRS_FORMAT = 1  # bump when the rendering rules below change (it keys the reference cache)
 ORDER_SALT = 0xD90
 ID_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
+ROW_MULTIPLE = 64  # DPO rows end at the fullest row's length rounded up to this (short PTS pairs waste no compute)
 
 
 def _token_ids(value, key: str, where: str) -> np.ndarray:
@@ -160,7 +162,7 @@ class PairBatches:
                 target[len(prompt):] = True
                 segments.append(segment_arrays(ids, target))
         rows = best_fit_rows(np.array([len(s[0]) for s in segments]), self.seq_len)
-        batch, seg = pack_segments(segments, rows, self.seq_len)
+        batch, seg = pack_segments(segments, rows, self.seq_len, trim_to=ROW_MULTIPLE)
         batch["seq_slot"] = torch.from_numpy(np.where(batch["labels"].numpy() != -100, seg, -1))
         batch["pair_ids"] = torch.as_tensor(np.asarray(pair_ids, dtype=np.int64))
         batch["num_pairs"] = len(pair_ids)

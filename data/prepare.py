@@ -20,7 +20,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from data.shards import DEFAULT_SHARD_TOKENS, MANIFEST, PROVENANCES, ShardedSource, ShardError, ShardWriter, read_json
+from data.config import PROVENANCES
+from data.shards import DEFAULT_SHARD_TOKENS, MANIFEST, ShardedSource, ShardError, ShardWriter, read_json
 from data.sources import RECORD_SUFFIXES, Record, SourceError, iter_records, list_inputs
 
 CHUNK_CHARS = 1 << 19  # characters of text per task handed to a tokenizer thread
@@ -74,7 +75,8 @@ class PrepareConfig:
             if s.name in seen:
                 raise ValueError(f"{key}.name={s.name!r} is used twice; source names must be unique")
             seen.add(s.name)
-            for attr, choices in (("provenance", PROVENANCES), ("kind", ("text", "chat")), ("on_error", ("raise", "skip"))):
+            for attr, choices in (("provenance", PROVENANCES), ("kind", ("text", "chat")),
+                                  ("on_error", ("raise", "skip"))):
                 if getattr(s, attr) not in choices:
                     raise ValueError(f"{key}.{attr}={getattr(s, attr)!r}; expected one of {list(choices)}")
             if not s.input_paths():

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from data.config import PROVENANCES
 from data.fileio import atomic_path, atomic_write, fsync_dir
 
 FORMAT = 1
@@ -33,7 +34,6 @@ PROGRESS = "progress.json"
 LOCK = ".writer.lock"
 DEFAULT_SHARD_TOKENS = 1 << 28  # 256 Mi tokens = 1 GiB per token file
 HASH_CHUNK_BYTES = 1 << 24
-PROVENANCES = ("synthetic", "organic")
 
 
 class ShardError(RuntimeError):
@@ -65,7 +65,8 @@ def read_json(path: Path) -> dict:
 
 def check_shard_files(directory: Path, entry: dict, verify: str) -> None:
     """Raise ShardError unless the shard's files exist with the manifest's sizes (and checksums)."""
-    for kind, unit, count in (("tokens", TOKEN_BYTES, entry["num_tokens"]), ("index", OFFSET_BYTES, entry["num_docs"] + 1)):
+    for kind, unit, count in (("tokens", TOKEN_BYTES, entry["num_tokens"]),
+                              ("index", OFFSET_BYTES, entry["num_docs"] + 1)):
         path = directory / entry[kind]
         if not path.is_file():
             raise ShardError(f"{path}: missing shard file listed in {directory / MANIFEST}")

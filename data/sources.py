@@ -172,7 +172,8 @@ def _jsonl_records(path: Path, fi: int, kind: str, field: str, start_pos: int) -
                 try:
                     text = line.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise SourceError(location, "invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line") from None
+                    raise SourceError(location, "invalid_utf8",
+                                      f"invalid UTF-8 at byte {e.start} of the line") from None
                 try:
                     obj = json.loads(text)
                 except json.JSONDecodeError as e:

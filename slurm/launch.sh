@@ -15,9 +15,10 @@
 # save a checkpoint, record {"status": "preempted"} in <output_dir>/exit_status.json and exit 75. torchrun is
 # shielded from both signals (they are ignored in it): its own handler would SIGKILL the trainers 30 s later, in the
 # middle of a large save. When srun fails and exit_status.json says "preempted" (written during this attempt), the
-# batch step requeues the job (`scontrol requeue`, needs --requeue) and the restarted job continues with
-# `train.resume=auto`. A signal sent to the batch shell only (`--signal=B:USR1@secs`, `scancel --batch
-# --signal=USR1`) is forwarded to the step. Any other failure (a bad config among them) fails the job, no requeue.
+# batch step requeues the job (`scontrol requeue`, needs --requeue) if the job is still running (the USR1 warning)
+# or hit its time limit, and the restarted job continues with `train.resume=auto`; after `scancel` it does not.
+# A signal sent to the batch shell only (`--signal=B:USR1@secs`, `scancel --batch --signal=USR1`) is forwarded to
+# the step. Any other failure (a bad config among them) fails the job, without requeue.
 #
 # Environment (all optional):
 #   PHI4_REPO             repo root, read by the sbatch wrappers to find this script (default: the submitted
@@ -204,6 +205,16 @@ PY
         read -r status step when <<< "$(run_status "$output_dir")"
     fi
     if [ "$status" = preempted ] && [ "${when%.*}" -ge "$started" ]; then
+        # Requeue after the USR1 warning (job still RUNNING) or the time limit's SIGTERM (Reason=TimeLimit); not after
+        # scancel (COMPLETING, Reason=None): that stop is the user's. Preemption with PreemptMode=REQUEUE is Slurm's.
+        local state reason
+        read -r state reason <<< "$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null \
+            | grep -o 'JobState=[A-Z_]*\|Reason=[A-Za-z_]*' | cut -d= -f2 | head -n2 | tr '\n' ' ')" || true
+        if [ "$state" != RUNNING ] && [ "$reason" != TimeLimit ]; then
+            say "job ending (state ${state:-?}, reason ${reason:-?}: cancelled or preempted): checkpoint saved at step" \
+                "$step; not requeueing. Submit the same command again to continue."
+            exit "$REQUEUE_EXIT"
+        fi
         if [ "$step" -le "$start_step" ]; then
             say "error: stopped by a signal at step $step without progress since the start of this attempt:" \
                 "not requeueing (is --time shorter than the --signal lead time?)"

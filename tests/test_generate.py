@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import KVCache, ModelConfig, Transformer
-from model.generate import generate, left_pad
+from model import ModelConfig, Transformer
+from model.generate import decode_step, generate, prefill, sample_next
 
 # The real vocabulary (pad 100349 and eos 100265 are real ids); a larger init std makes the next-token distributions
 # peaked enough that greedy choices are far from ties.
@@ -31,23 +31,19 @@ def full_forward_logprobs(model, ids: list[int]) -> torch.Tensor:
         return torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), dim=-1)
 
 
-def test_left_padded_cached_logits_equal_unpadded_full_forward(model, prompts):
-    ids, mask, positions = left_pad(prompts)
-    assert positions[0].tolist()[-3:] == [0, 1, 2] and not mask[0, :-3].any()
-    L, extra = ids.shape[1], 3
-    cache = KVCache(model.cfg, len(prompts), L + extra, "cpu", torch.float32)
-    follow = torch.tensor([[11, 12, 13]] * len(prompts))  # fed after each prompt, one token at a time
+def test_left_aligned_cache_decodes_each_row_as_its_prompt_alone(model, prompts):
+    """prefill + decode_step (what generate runs) against full forwards without a cache, whole logit vectors."""
+    batch = prompts + [prompts[1]]  # a repeated prompt shares one prefill
+    follow = [11, 12, 13]  # fed after every prompt, one token per step
     with torch.no_grad():
-        prefill = model(ids, position_ids=positions, kv_cache=cache, attention_mask=mask)
-        full_mask = torch.cat([mask, torch.ones(len(prompts), extra, dtype=torch.bool)], dim=1)
-        steps = [model(follow[:, t:t + 1], position_ids=positions[:, -1:] + 1 + t, kv_cache=cache,
-                       attention_mask=full_mask[:, :L + t + 1]) for t in range(extra)]
-        for row, prompt in enumerate(prompts):
-            alone = model(torch.tensor([prompt + follow[row].tolist()]))[0]  # (n + 3, V)
-            n = len(prompt)
-            torch.testing.assert_close(prefill[row, L - n:], alone[:n], atol=1e-4, rtol=0)
-            for t in range(extra):
-                torch.testing.assert_close(steps[t][row, 0], alone[n + t], atol=1e-4, rtol=0)
+        state, first = prefill(model, batch, max(map(len, batch)) + len(follow))
+        steps = [first] + [decode_step(model, state, torch.tensor([t] * len(batch))) for t in follow[:-1]]
+        for row, prompt in enumerate(batch):
+            alone = model(torch.tensor([prompt + follow]))[0]  # (n + 3, V)
+            for t, logits in enumerate(steps):
+                torch.testing.assert_close(logits[row], alone[len(prompt) - 1 + t], atol=1e-4, rtol=0)
+    assert state.attention_mask[0].tolist()[:14] == [False] * 11 + [True] * 3  # prompt 0 after 11 empty slots
+    assert state.next_position.tolist() == [len(p) + 2 for p in batch]
 
 
 def test_greedy_batch_equals_stepwise_argmax_and_each_prompt_alone(model, prompts):
@@ -102,14 +98,14 @@ def test_top_p_samples_only_from_the_nucleus(model, prompts):
 
 def test_rows_stop_at_eos_and_others_continue(model, prompts):
     greedy = generate(model, prompts, 6, temperature=0, eos_ids=())
-    stop = greedy[1].tokens[2]  # make the third greedy token of prompt 1 a stop token
-    assert stop not in greedy[0].tokens + greedy[2].tokens
-    out = generate(model, prompts, 6, temperature=0, eos_ids=(stop,))
-    assert out[1].tokens == greedy[1].tokens[:3] and out[1].finished
-    assert len(out[1].logprobs) == 3
-    for i in (0, 2):  # the batch shrank when row 1 finished; the others are unaffected
-        assert out[i].tokens == greedy[i].tokens and not out[i].finished
-        assert out[i].logprobs == pytest.approx(greedy[i].logprobs, abs=1e-4)
+    stops = (greedy[1].tokens[2], greedy[0].tokens[1])  # rows 1 and 0 stop at their 3rd / 2nd token
+    assert not set(stops) & set(greedy[2].tokens) and stops[0] not in greedy[0].tokens[:2]
+    out = generate(model, prompts, 6, temperature=0, eos_ids=stops)
+    assert out[1].tokens == greedy[1].tokens[:3] and out[1].finished and len(out[1].logprobs) == 3
+    assert out[0].tokens == greedy[0].tokens[:2] and out[0].finished
+    # Two of three rows done: the cache was compacted and row 2 moved to the front; its results are unchanged.
+    assert out[2].tokens == greedy[2].tokens and not out[2].finished
+    assert out[2].logprobs == pytest.approx(greedy[2].logprobs, abs=1e-4)
 
 
 def test_bad_arguments_are_refused(model, prompts):
@@ -119,3 +115,15 @@ def test_bad_arguments_are_refused(model, prompts):
         generate(model, [[]], 2)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, prompts, 2, top_p=0.0)
+
+
+def test_sampler_follows_the_tempered_nucleus_distribution():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]]).log().repeat(20_000, 1)
+    for temperature, top_p, expected in ((1.0, 1.0, [0.5, 0.3, 0.15, 0.05, 0.0]),
+                                         (1.0, 0.7, [0.625, 0.375, 0.0, 0.0, 0.0]),  # head {0.5, 0.3} renormalised
+                                         (2.0, 1.0, torch.softmax(logits[0] / 2.0, -1).tolist())):
+        tokens = sample_next(logits, temperature, top_p, g)
+        freq = torch.bincount(tokens, minlength=5).double() / len(tokens)
+        torch.testing.assert_close(freq, torch.tensor(expected, dtype=torch.float64), atol=0.015, rtol=0)
+    assert sample_next(logits[:3], 0.0, 1.0, g).tolist() == [0, 0, 0]

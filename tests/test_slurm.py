@@ -141,6 +141,29 @@ def test_preemption_checkpoints_requeues_and_resumes(work, reference):
     assert json.loads((run_dir / "exit_status.json").read_text())["status"] == "completed"
 
 
+def test_scancel_saves_and_stops_without_requeue(work):
+    """scancel is the user's stop: the trainers save on SIGTERM, and the job ends instead of requeueing itself."""
+    root, _ = work
+    cfg, run_dir = _config(work, "cancelled", train={"max_steps": 1000})
+    job = sbatch(REPO / "slurm" / "pretrain.sbatch", [str(cfg)], cwd=root, opts=["--nodes=2"], env=ENV)
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline and not ((run_dir / "metrics.jsonl").exists() and read_metrics(run_dir)):
+            assert job_info(job)["JobState"] in ("PENDING", "RUNNING"), job_logs(root, job)
+            time.sleep(0.3)
+        subprocess.run(["scancel", str(job)], check=True, timeout=30)
+        info = wait_done(job, 120)
+        time.sleep(2)  # let the batch step's last lines reach the log
+    finally:
+        cancel(job)
+    logs = job_logs(root, job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", (info, logs)
+    assert "not requeueing" in logs and "requeueing job" not in logs, logs
+    status = json.loads((run_dir / "exit_status.json").read_text())
+    assert status["status"] == "preempted" and 1 <= status["step"] < 1000, status
+    assert (run_dir / "checkpoints" / f"step_{status['step']:08d}").is_dir()
+
+
 def test_recipe_chain_runs_pretraining_then_midtraining(work):
     root, _ = work
     pre_cfg, _ = _config(work, "chain_pre_cfg", train={"max_steps": 4})
@@ -174,13 +197,13 @@ def test_recipe_chain_runs_pretraining_then_midtraining(work):
     assert saved["stage"] == "midtrain" and saved["train"]["init_from"] == str(out / "pretrain"), saved["train"]
 
 
-@pytest.mark.parametrize("script,overrides,needle,reached_nodes", [
-    ("pretrain.sbatch", ["train.bogus_key=1"], "unknown key 'train.bogus_key'", False),  # caught in the batch step
-    ("sft.sbatch", [], "use slurm/pretrain.sbatch", False),  # a pretraining config sent to the SFT script
-    ("pretrain.sbatch", ["train.global_batch=3"], "not divisible", True),  # caught by the trainers, on the nodes
+@pytest.mark.parametrize("name,script,overrides,needle,reached_nodes", [
+    ("unknown_key", "pretrain.sbatch", ["train.bogus_key=1"], "unknown key 'train.bogus_key'", False),  # batch step
+    ("wrong_script", "sft.sbatch", [], "use slurm/pretrain.sbatch", False),  # a pretraining config sent to sft.sbatch
+    ("bad_batch", "pretrain.sbatch", ["train.global_batch=3"], "not divisible", True),  # caught by the trainers
 ])
-def test_bad_config_fails_fast_with_error_in_log(work, script, overrides, needle, reached_nodes):
-    cfg, run_dir = _config(work, f"bad_{len(overrides)}_{script.split('.')[0]}")
+def test_bad_config_fails_fast_with_error_in_log(work, name, script, overrides, needle, reached_nodes):
+    cfg, run_dir = _config(work, f"bad_{name}")
     t0 = time.monotonic()
     job, info, logs = _run_job(work, script, [str(cfg), *overrides], opts=["--nodes=2"])
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, logs)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from data.config import PROVENANCES, DataConfig
 from data.fileio import atomic_write
@@ -122,7 +122,7 @@ def _valid_keys(schema_node: Any) -> list[str]:
 
 def _explain(exc: OmegaConfBaseException, base, where: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
-    if isinstance(exc, ConfigKeyError):
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         node = OmegaConf.select(base, parent) if parent else base
         choices = ", ".join(_valid_keys(node))
@@ -178,18 +178,25 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), s
     raw = _read_yaml(Path(path)) if path else {}
     if schema is RunConfig:
         raw = _resolve_includes(raw, where)
-    for item in overrides:
-        if "=" not in item:
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.create(raw))
+    except OmegaConfBaseException as e:
+        raise _explain(e, base, where) from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    for item in overrides:  # one at a time, so list entries work too: data.sources.1.weight=0.2
+        key, sep, text = item.partition("=")
+        if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.max_steps=20)")
-    merged = base
-    for source, layer in ((where, lambda: OmegaConf.create(raw)),
-                          ("command-line override", lambda: OmegaConf.from_dotlist(list(overrides)))):
         try:
-            merged = OmegaConf.merge(merged, layer())
+            value = yaml.safe_load(text) if text.strip() else text
+            OmegaConf.update(merged, key.strip(), value, merge=True, force_add=False)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: value is not valid YAML") from None
         except OmegaConfBaseException as e:
-            raise _explain(e, base, source) from None
-        except (TypeError, ValueError) as e:  # e.g. a dot-list index into a list of sections
-            raise ConfigError(f"{source}: cannot apply ({e}); for list entries edit the YAML file") from None
+            raise _explain(e, base, f"override {item!r}") from None
+        except (TypeError, ValueError, IndexError) as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:

@@ -12,7 +12,6 @@ fsynced per question; `<output stem>.state.jsonl` lists finished questions (resu
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -85,18 +84,19 @@ class PivotalToken:
 
 
 def split_point(logprobs: Sequence[float]) -> int:
-    """Boundary k (1 <= k < n) where the surprise (-log-prob) of seg[:k] is closest to half the segment's total;
-    the token-count midpoint when the segment carries no surprise at all."""
+    """Boundary k (1 <= k < n): the first k where the cumulative surprise (-log-prob) of seg[:k] reaches half the
+    segment's total, so a token carrying most of the surprise ends the left half (or, when last, forms the right
+    one); the token-count midpoint when the segment carries no surprise at all."""
     surprise = [max(0.0, -float(lp)) for lp in logprobs]
     half = sum(surprise) / 2
     if half <= 0:
         return len(surprise) // 2
-    best_k, best_gap, acc = 1, math.inf, 0.0
-    for k in range(1, len(surprise)):
-        acc += surprise[k - 1]
-        if abs(acc - half) < best_gap:
-            best_k, best_gap = k, abs(acc - half)
-    return best_k
+    acc = 0.0
+    for k, s in enumerate(surprise[:-1], 1):
+        acc += s
+        if acc >= half:
+            return k
+    return len(surprise) - 1
 
 
 def find_pivotal_tokens(solution_ids: Sequence[int], token_logprobs: Sequence[float],
@@ -144,7 +144,7 @@ class Estimate:
     p: float  # fraction of rollouts the oracle accepted (exact 0/1 for a complete response)
     first_tokens: list[int]  # first new token of each rollout
     successes: list[bool]
-    rollouts: list = field(default_factory=list)  # model.generate.Generation of each rollout
+    rollouts: list = field(default_factory=list)  # model.generate.Generation of each (empty prefix only)
 
 
 @dataclass
@@ -195,7 +195,8 @@ def search_question(qid: str, prompt_ids: list[int], sample, judge, cfg: PTSConf
         else:
             gens = sample(list(prompt_ids) + list(prefix), cfg.rollouts, budget)
             ok = judge([list(prefix) + g.tokens for g in gens])
-            est = Estimate(sum(ok) / len(ok), [g.tokens[0] for g in gens], list(ok), gens)
+            # Whole rollouts are kept at the root only (T_full is one of them); elsewhere first tokens suffice.
+            est = Estimate(sum(ok) / len(ok), [g.tokens[0] for g in gens], list(ok), gens if not prefix else [])
             result.rollouts += len(gens)
             result.generated_tokens += sum(len(g.tokens) for g in gens)
         result.estimates += 1
@@ -282,15 +283,21 @@ def sidecar(output: str | os.PathLike, suffix: str) -> Path:
 
 
 def load_done(state_path: Path) -> dict[str, dict]:
-    """Finished questions from the state file; a half-written last line (interrupted write) is ignored."""
-    done = {}
+    """Finished questions from the state file. A half-written last line (an interrupted write) is dropped and the
+    file rewritten without it, so the next record does not get glued onto it."""
+    done, lines = {}, []
     if state_path.is_file():
-        for line in state_path.read_text(encoding="utf-8").splitlines():
+        lines = state_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        for line in lines:
             try:
                 record = json.loads(line)
-                done[record["id"]] = record
+                if line.endswith("\n"):
+                    done[record["id"]] = record
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
+    if len(done) != len(lines):
+        with atomic_path(state_path) as tmp:
+            Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
     return done
 
 

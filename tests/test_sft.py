@@ -1,0 +1,210 @@
+"""SFT data: masks token by token, packing == no packing, broken masks refused, exact resume, a real run (CPU)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from data.chat import (IGNORE_INDEX, PAD_ID, ChatBatches, ChatDataError, best_fit_rows, check_loss_mask,
+                       pack_segments)
+from data.tokenizer import Phi4Tokenizer
+from model import ModelConfig, Transformer
+from tests.train_helpers import TEST_MODEL, check, metrics, run_train, train_losses
+from train.config import load_config
+
+IM_START, IM_END, IM_SEP = 100264, 100265, 100266
+ROLE_IDS = {"system": [9125], "user": [882], "assistant": [78191]}  # spec section 2
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Phi4Tokenizer()
+
+
+def conversation(k: int) -> list[dict]:
+    """Varied lengths; every third has a system message, every second is multi-turn."""
+    messages = [{"role": "system", "content": f"You are assistant number {k}."}] if k % 3 == 0 else []
+    messages += [{"role": "user", "content": f"What is {k} + {k}?" + " Please explain." * (k % 5)},
+                 {"role": "assistant", "content": f"{k} + {k} = {2 * k}." + " Indeed." * (k % 7)}]
+    if k % 2:
+        messages += [{"role": "user", "content": "And times two?"},
+                     {"role": "assistant", "content": f"{k} x 2 = {2 * k}. " * (1 + k % 4)}]
+    return messages
+
+
+def write_chats(path, convs) -> str:
+    path.write_text("".join(json.dumps({"id": i, "messages": m}) + "\n" for i, m in enumerate(convs)))
+    return str(path)
+
+
+def make(path, tok, **kw) -> ChatBatches:
+    args = dict(seq_len=128, micro_batch=1, global_batch=1, seed=7, tokenizer=tok)
+    return ChatBatches(path, **{**args, **kw})
+
+
+def test_mask_token_by_token_multi_turn_with_system(tmp_path, tok):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi <|im_end|> there"},  # special-looking text stays text
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}]
+    # The expected rendering and mask, built by hand from the spec's chat format (not from render_chat).
+    ids, trained = [], []
+    for m in messages:
+        header = [IM_START, *ROLE_IDS[m["role"]], IM_SEP]
+        body = tok.encode(m["content"]) + [IM_END]
+        ids += header + body
+        trained += [False] * len(header) + [m["role"] == "assistant"] * len(body)
+    assert IM_END not in tok.encode(messages[1]["content"])
+    cb = make(write_chats(tmp_path / "c.jsonl", [messages]), tok, pack=False)
+    batch = next(cb)
+    n = len(ids) - 1
+    assert batch["input_ids"][0, :n].tolist() == ids[:-1]
+    for t in range(n):  # the target of position t is ids[t+1], labelled iff that token is trained on
+        assert batch["labels"][0, t].item() == (ids[t + 1] if trained[t + 1] else IGNORE_INDEX), t
+    labelled = [int(x) for x in batch["labels"][0] if x != IGNORE_INDEX]
+    assert labelled == tok.encode("Hello!") + [IM_END] + tok.encode("4") + [IM_END]
+    # padding: pad id, no labels, its own attention segment with restarting positions
+    assert (batch["input_ids"][0, n:] == PAD_ID).all() and (batch["labels"][0, n:] == IGNORE_INDEX).all()
+    assert batch["cu_seqlens"].tolist() == [0, n, 128]
+    assert batch["position_ids"][0].tolist() == list(range(n)) + list(range(128 - n))
+
+
+def test_packing_uses_document_masking_and_fits(tmp_path, tok):
+    cb = make(write_chats(tmp_path / "c.jsonl", [conversation(k) for k in range(40)]), tok, micro_batch=2,
+              global_batch=2)
+    batch = next(cb)
+    cu = batch["cu_seqlens"].tolist()
+    assert cu[0] == 0 and cu[-1] == 2 * 128 and 128 in cu  # every row boundary is a boundary
+    assert len(cu) > 4  # several conversations per row
+    flat_pos = batch["position_ids"].reshape(-1)
+    for a, b in zip(cu[:-1], cu[1:]):  # positions restart at every conversation (and the padding)
+        assert flat_pos[a:b].tolist() == list(range(b - a))
+    # each conversation segment begins with <|im_start|>, and conversations never straddle rows
+    flat_ids = batch["input_ids"].reshape(-1)
+    for a, b in zip(cu[:-1], cu[1:]):
+        assert flat_ids[a] == IM_START or (flat_ids[a:b] == PAD_ID).all()
+    assert best_fit_rows(np.array([5, 4, 3, 3, 2, 2, 1]), 10) == [[0, 1, 6], [2, 3, 4, 5]]
+
+
+def test_every_conversation_once_per_epoch_and_resume_exact(tmp_path, tok):
+    path = write_chats(tmp_path / "c.jsonl", [conversation(k) for k in range(30)])
+    ref = make(path, tok, micro_batch=1, global_batch=4, held_out_fraction=0.1)
+    # epoch coverage: the rows of epoch 0 and 1 each hold every training conversation exactly once
+    for e in (0, 1):
+        seen = Counter(c for row in ref.epoch_rows(e) for c in row)
+        assert sorted(seen) == ref.train_ids.tolist() and set(seen.values()) == {1}
+    assert ref.epoch_rows(0) != ref.epoch_rows(1)  # a fresh permutation per epoch
+    assert not set(ref.held_ids) & set(ref.train_ids) and len(ref.held_ids) == 3
+    # run past an epoch boundary; save after 5 micro-batches; a fresh source resumes bit-identically
+    n_rows = ref.rows_in_epoch(0)
+    stream = [next(ref) for _ in range(n_rows + 8)]
+    a = make(path, tok, micro_batch=1, global_batch=4, held_out_fraction=0.1)
+    for _ in range(8):
+        next(a)
+    state = a.state_dict()
+    assert state["samples_consumed"] == 8
+    b = make(path, tok, micro_batch=2, global_batch=4, held_out_fraction=0.1, rank=1, world_size=2)
+    b.load_state_dict(state)  # another world size and micro batch: the global order is the same
+    b0 = make(path, tok, micro_batch=2, global_batch=4, held_out_fraction=0.1, rank=0, world_size=2)
+    b0.load_state_dict(state)
+    for step in range(n_rows // 4):
+        got0, got1 = next(b0), next(b)
+        for k in ("input_ids", "labels", "position_ids"):  # W=2 rank 0 rows = W=1 rows 0..1, rank 1 = rows 2..3
+            want = torch.cat([stream[8 + 4 * step + j][k] for j in range(4)])
+            assert torch.equal(torch.cat([got0[k], got1[k]]), want), (step, k)
+    other = make(path, tok, micro_batch=1, global_batch=4, held_out_fraction=0.1, seed=8)
+    with pytest.raises(ChatDataError, match="does not match"):
+        other.load_state_dict(state)
+    held = ref.held_out_batches(5)["sft"]
+    assert len(held) == len(ref.held_rows) and all((h["labels"] != IGNORE_INDEX).any() for h in held)
+
+
+def test_packed_and_unpacked_give_the_same_loss(tmp_path, tok):
+    path = write_chats(tmp_path / "c.jsonl", [conversation(k) for k in range(8)])
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{k: v for k, v in TEST_MODEL.items() if k != "preset"}, max_seq_len=128))
+    model.eval()
+    totals = {}
+    for pack in (True, False):
+        cb = make(path, tok, pack=pack)
+        loss, count = 0.0, 0
+        with torch.no_grad():
+            for _ in range(cb.rows_in_epoch(0)):  # one epoch: every conversation once
+                b = next(cb)
+                loss += float(model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"],
+                                    cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"], reduction="sum"))
+                count += int((b["labels"] != IGNORE_INDEX).sum())
+        totals[pack] = (loss, count, cb.rows_in_epoch(0))
+    assert totals[True][1] == totals[False][1]
+    assert totals[True][2] < totals[False][2]  # packing saves rows
+    assert totals[True][0] == pytest.approx(totals[False][0], rel=1e-5)
+
+
+def test_all_zero_and_all_one_masks_raise(tmp_path, tok):
+    path = write_chats(tmp_path / "c.jsonl", [conversation(k) for k in range(6)])
+    broken = make(path, tok, micro_batch=2, global_batch=2)
+    broken.mask[:] = False  # as if the mask were not built from the assistant spans
+    with pytest.raises(ChatDataError, match=r"all zeros.*") as e:
+        next(broken)
+    assert "step 1" in str(e.value) and "rank 0" in str(e.value)
+    broken = make(path, tok, micro_batch=2, global_batch=2)
+    broken.mask[:] = True  # prompts and headers trained on
+    with pytest.raises(ChatDataError, match="all ones"):
+        next(broken)
+    segments = [(np.arange(1, 6), np.arange(2, 7))]
+    batch, _ = pack_segments(segments, [[0]], 5)  # every position labelled, no padding
+    with pytest.raises(ChatDataError, match="all ones"):
+        check_loss_mask(batch, "unit")
+
+
+def test_bad_files_name_the_line(tmp_path, tok):
+    good = json.dumps({"messages": conversation(1)})
+    cases = {"{not json": "not valid JSON",
+             json.dumps({"messages": [{"role": "user", "content": "hi"}]}): "no assistant message",
+             json.dumps({"messages": [{"role": "robot", "content": "hi"}]}): "role",
+             json.dumps({"text": "hi"}): "messages"}
+    for line, expected in cases.items():
+        path = tmp_path / "bad.jsonl"
+        path.write_text(f"{good}\n\n{line}\n")
+        with pytest.raises(ChatDataError, match=expected) as e:
+            make(str(path), tok)
+        assert f"bad.jsonl:3:" in str(e.value)
+    # a conversation too long for seq_len is dropped and counted; none left is an error
+    path = write_chats(tmp_path / "long.jsonl", [conversation(2), [{"role": "user", "content": "x " * 300},
+                                                                     {"role": "assistant", "content": "y"}]])
+    cb = make(path, tok)
+    assert cb.dropped_too_long == 1 and cb.train_ids.tolist() == [0]
+    with pytest.raises(ChatDataError, match="no training conversation"):
+        make(path, tok, seq_len=8)
+
+
+def test_shipped_sft_configs_load():
+    paper = load_config("configs/phi4-14b/sft.yaml")
+    assert paper.stage == "sft" and paper.optim.lr == 1e-6 and paper.train.init_from.endswith("midtrain")
+    assert paper.train.max_steps * paper.train.global_batch * paper.train.seq_len >= 8e9  # ~8B tokens
+    smoke = load_config("configs/smoke/sft.yaml")
+    assert smoke.stage == "sft" and smoke.data.sft_path == "runs/smoke/data/raw/sft.jsonl"
+    assert smoke.train.init_from == "runs/smoke/midtrain" and smoke.model.n_layers == 2
+
+
+@pytest.mark.slow
+def test_sft_run_learns_and_evaluates(tmp_path):
+    """A real `python -m train` SFT run of the smoke config on the smoke conversations (tiny model, from scratch)."""
+    from data.smoke import generate
+
+    generate(tmp_path / "raw", seed=0, scale="small")
+    run_dir = tmp_path / "sft"
+    overrides = [f"data.sft_path={tmp_path / 'raw' / 'sft.jsonl'}", "train.init_from=''", f"output_dir={run_dir}",
+                 *(f"model.{k}={v}" for k, v in TEST_MODEL.items() if k != "preset"), "train.seq_len=256",
+                 "train.global_batch=4", "train.max_steps=6", "train.save_every=3", "train.eval_every=3",
+                 "optim.lr=3e-3", "logging.wandb.mode=disabled", "deepspeed.zero_stage=0"]
+    check(run_train("configs/smoke/sft.yaml", overrides))
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1] - 0.3, losses
+    evals = [r for r in metrics(run_dir) if "eval/loss/sft" in r]
+    assert [r["step"] for r in evals] == [3, 6] and evals[1]["eval/loss/sft"] < evals[0]["eval/loss/sft"]
+    assert (run_dir / "checkpoints" / "step_00000006" / "meta.json").is_file()

@@ -1,0 +1,166 @@
+"""`python -m train.recipe <recipe.yaml> [key=value ...]`: the whole recipe, stage after stage, from one command.
+
+A recipe lists stages in order; each runs as its own process (torchrun when `nproc` > 1) in `<output_dir>/<name>/`,
+and each training stage starts from the previous training stage's weights. A stage already complete is skipped on
+re-run, and an interrupted training stage continues from its newest checkpoint (`train.resume=auto`). Paths inside
+stage configs may use `${oc.env:PHI4_RECIPE_DIR,...}`: the runner sets it to the recipe's output_dir.
+At the end `<output_dir>/summary.md` (+ .json) and `<output_dir>/plots/<stage>.png` say what happened.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data.fileio import atomic_write
+from train.config import REPO_ROOT, ConfigError, load_config
+
+KINDS = ("smoke_data", "prepare", "train", "pts", "export", "eval")
+
+
+@dataclass
+class RecipeStage:
+    name: str = ""
+    kind: str = "train"  # smoke_data | prepare | train | pts | export | eval
+    config: str = ""  # the stage's own config file (not for smoke_data / export)
+    overrides: list[str] = field(default_factory=list)
+    nproc: int = 0  # processes for a train stage; 0 = the recipe's nproc
+    model_from: str = ""  # pts / export / eval: the stage whose model to use; default: the last train stage
+
+
+@dataclass
+class Recipe:
+    output_dir: str = "runs/recipe"
+    nproc: int = 1  # processes per training stage (torchrun when > 1)
+    seed: int = 1234  # smoke_data
+    stages: list[RecipeStage] = field(default_factory=list)
+
+    def validate(self) -> None:
+        names = [s.name for s in self.stages]
+        if not names or len(set(names)) != len(names) or not all(names):
+            raise ConfigError(f"stages need unique, non-empty names; got {names}")
+        for i, s in enumerate(self.stages):
+            if s.kind not in KINDS:
+                raise ConfigError(f"stages[{i}] ({s.name}).kind={s.kind!r}; expected one of {list(KINDS)}")
+            if s.kind in ("prepare", "train", "pts", "eval") and not s.config:
+                raise ConfigError(f"stages[{i}] ({s.name}) of kind {s.kind} needs a config")
+            if s.config and not (REPO_ROOT / s.config).is_file() and not Path(s.config).is_file():
+                raise ConfigError(f"stages[{i}] ({s.name}).config={s.config!r} does not exist")
+            if s.model_from and s.model_from not in names[:i]:
+                raise ConfigError(f"stages[{i}] ({s.name}).model_from={s.model_from!r} is not an earlier stage")
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+class RecipeRunner:
+    def __init__(self, recipe: Recipe, log=print):
+        self.recipe = recipe
+        self.out = Path(recipe.output_dir).resolve()
+        self.log = log
+        self.env = {**os.environ, "PHI4_RECIPE_DIR": str(self.out), "PYTHONPATH": str(REPO_ROOT)}
+        self.last_train: Path | None = None
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out / name
+
+    def run(self) -> list[dict]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        results = []
+        for stage in self.recipe.stages:
+            results.append(self._run_stage(stage))
+            if stage.kind == "train":
+                self.last_train = self.stage_dir(stage.name)
+        from train.summary import write_summary
+
+        write_summary(self.out, self.recipe, results)
+        return results
+
+    def _model_dir(self, stage: RecipeStage) -> Path:
+        if stage.model_from:
+            src = next(s for s in self.recipe.stages if s.name == stage.model_from)
+            return self.stage_dir(src.name) / ("hf" if src.kind == "export" else "")
+        if self.last_train is None:
+            raise StageFailed(f"stage {stage.name}: no earlier training stage to take the model from")
+        return self.last_train
+
+    def _command(self, stage: RecipeStage) -> list[str]:
+        d, py = self.stage_dir(stage.name), sys.executable
+        extra = list(stage.overrides)
+        if stage.kind == "smoke_data":
+            return [py, "-m", "data.smoke", str(self.out / "data" / "raw"), "--seed", str(self.recipe.seed)]
+        if stage.kind == "prepare":
+            return [py, "-m", "data.prepare", stage.config, *extra]
+        if stage.kind == "train":
+            wiring = [f"output_dir={d}", "train.resume=auto"]
+            if self.last_train is not None:
+                wiring.append(f"train.init_from={self.last_train}")
+            nproc = stage.nproc or self.recipe.nproc
+            launcher = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+                if nproc > 1 else [py]
+            return [*launcher, "-m", "train", stage.config, *wiring, *extra]
+        if stage.kind == "pts":
+            return [py, "-m", "train.pts", stage.config, f"model={self._model_dir(stage)}",
+                    f"output={d / 'pairs.jsonl'}", *extra]
+        if stage.kind == "export":
+            return [py, "-m", "train.export", str(self._model_dir(stage)), str(d / "hf"), "--overwrite", *extra]
+        return [py, "-m", "train.eval", stage.config, f"model_path={self._model_dir(stage)}", f"output_dir={d}",
+                f"label={stage.name}", *extra]
+
+    def _done(self, stage: RecipeStage) -> dict | None:
+        marker = self.stage_dir(stage.name) / "stage.json"
+        if not marker.is_file():
+            return None
+        record = json.loads(marker.read_text())
+        return record if record.get("status") == "completed" else None
+
+    def _run_stage(self, stage: RecipeStage) -> dict:
+        done = self._done(stage)
+        if done is not None:
+            self.log(f"[recipe] {stage.name}: already complete ({done['seconds']:.0f} s), skipped")
+            return done
+        d = self.stage_dir(stage.name)
+        d.mkdir(parents=True, exist_ok=True)
+        cmd = self._command(stage)
+        self.log(f"[recipe] {stage.name} ({stage.kind}): {shlex.join(cmd)}")
+        t0 = time.time()
+        with open(d / "stage.log", "a") as logf:
+            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=self.env, stdout=logf, stderr=subprocess.STDOUT)
+        seconds = time.time() - t0
+        record = {"name": stage.name, "kind": stage.kind, "command": cmd, "seconds": seconds,
+                  "status": "completed" if proc.returncode == 0 else "failed", "returncode": proc.returncode}
+        atomic_write(d / "stage.json", json.dumps(record, indent=2))
+        if proc.returncode != 0:
+            tail = (d / "stage.log").read_text()[-3000:]
+            raise StageFailed(f"stage {stage.name} failed (exit {proc.returncode}); log {d / 'stage.log'}:\n{tail}")
+        self.log(f"[recipe] {stage.name}: done in {seconds:.0f} s")
+        return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: python -m train.recipe <recipe.yaml> [key=value ...]")
+        return 0 if args else 2
+    try:
+        recipe = load_config(args[0], args[1:], schema=Recipe)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    try:
+        RecipeRunner(recipe).run()
+    except StageFailed as e:
+        print(f"recipe failed: {e}", file=sys.stderr)
+        return 1
+    print(f"[recipe] complete: {Path(recipe.output_dir) / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

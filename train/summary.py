@@ -1,0 +1,117 @@
+"""The recipe's summary: a table per stage (steps, tokens, losses, time, exported path, eval scores) and loss plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data.fileio import atomic_write
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def train_stage_summary(run_dir: Path) -> dict:
+    records = _read_jsonl(run_dir / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if any(k.startswith("eval/loss/") for k in r)]
+    held_out = {k.removeprefix("eval/loss/"): v for k, v in (evals[-1] if evals else {}).items()
+                if k.startswith("eval/loss/")}
+    return {
+        "steps": steps[-1]["step"] if steps else 0,
+        "tokens": steps[-1].get("tokens_seen", 0) if steps else 0,
+        "first_loss": steps[0]["loss"] if steps else None,
+        "final_loss": steps[-1]["loss"] if steps else None,
+        "held_out_loss": sum(held_out.values()) / len(held_out) if held_out else None,
+        "held_out_by_source": held_out,
+        "curve": [(r["step"], r["loss"], r.get("lr")) for r in steps],
+        "extra": {k: v for k, v in (steps[-1] if steps else {}).items() if k.startswith("dpo/")},
+    }
+
+
+def plot_curve(name: str, curve: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [c[0] for c in curve]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [c[1] for c in curve], color="tab:blue", label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [c[2] for c in curve], color="tab:orange", linestyle="--", label="learning rate")
+    ax2.set_ylabel("learning rate", color="tab:orange")
+    ax.set_title(f"{name}: loss and learning rate")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(v, digits=4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _eval_scores(stage_dir: Path) -> dict:
+    scores = {}
+    for r in _read_jsonl(stage_dir / "results.jsonl"):
+        task = r.get("task") or r.get("name") or "?"
+        for key in ("accuracy", "perplexity", "score"):
+            if isinstance(r.get(key), (int, float)):
+                scores[f"{task}/{key}"] = r[key]
+    return scores
+
+
+def write_summary(out: Path, recipe, results: list[dict]) -> dict:
+    rows, summary = [], {"output_dir": str(out), "stages": []}
+    for stage, result in zip(recipe.stages, results):
+        d = out / stage.name
+        entry = {"name": stage.name, "kind": stage.kind, "seconds": result.get("seconds"),
+                 "status": result.get("status")}
+        if stage.kind == "train":
+            s = train_stage_summary(d)
+            if s["curve"]:
+                plot_curve(stage.name, s["curve"], out / "plots" / f"{stage.name}.png")
+                entry["plot"] = str(out / "plots" / f"{stage.name}.png")
+            entry.update({k: v for k, v in s.items() if k != "curve"})
+        elif stage.kind == "export":
+            entry["exported"] = str(d / "hf")
+        elif stage.kind == "eval":
+            entry["scores"] = _eval_scores(d)
+        elif stage.kind == "pts":
+            summ = d / "pairs.summary.json"
+            entry["pts"] = json.loads(summ.read_text()) if summ.is_file() else {}
+        summary["stages"].append(entry)
+        details = []
+        if entry.get("scores"):
+            details.append(", ".join(f"{k} {_fmt(v, 3)}" for k, v in entry["scores"].items()))
+        if entry.get("exported"):
+            details.append(entry["exported"])
+        if entry.get("pts"):
+            details.append(", ".join(f"{k} {v}" for k, v in entry["pts"].items() if isinstance(v, (int, float))))
+        if entry.get("extra"):
+            details.append(", ".join(f"{k} {_fmt(v, 3)}" for k, v in entry["extra"].items()))
+        rows.append(f"| {stage.name} | {stage.kind} | {_fmt(entry.get('steps'))} | {_fmt(entry.get('tokens'))} | "
+                    f"{_fmt(entry.get('first_loss'))} -> {_fmt(entry.get('final_loss'))} | "
+                    f"{_fmt(entry.get('held_out_loss'))} | {_fmt(entry.get('seconds'), 3)} | {'; '.join(details)} |")
+    lines = [f"# Recipe summary: {out}", "",
+             "| stage | kind | steps | tokens | loss first -> final | held-out loss | time (s) | details |",
+             "|---|---|---|---|---|---|---|---|", *rows, ""]
+    lines += [f"![{e['name']}](plots/{e['name']}.png)" for e in summary["stages"] if e.get("plot")]
+    atomic_write(out / "summary.md", "\n".join(lines) + "\n")
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
