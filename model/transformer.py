@@ -229,6 +229,8 @@ class Transformer(nn.Module):
             mask = (torch.arange(past + T, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, T, S)
             if attention_mask is not None:  # (B, S) True = real token (left padding)
                 mask = mask & attention_mask[:, None, None, :].bool()
+                # A padded query would see no key at all: NaN in some CUDA SDPA kernels. Let it see itself.
+                mask = mask | (torch.arange(past + T, device=device)[None, :] == q_pos)[None, None]
             return AttnContext(None, 0, mask.expand(B, 1, T, past + T))
         if cu_seqlens is None or not self.cfg.doc_masking:
             return AttnContext(None, T, None)

@@ -132,7 +132,12 @@ batch_main() {
 
     if [ -n "${PHI4_ENV_SETUP:-}" ]; then
         say "PHI4_ENV_SETUP: $PHI4_ENV_SETUP"
-        eval "$PHI4_ENV_SETUP"
+        # Module and venv scripts often read unset variables: run them without -u/-e, then check the status.
+        local setup_rc=0
+        set +eu
+        eval "$PHI4_ENV_SETUP" || setup_rc=$?
+        set -eu
+        [ "$setup_rc" = 0 ] || die "PHI4_ENV_SETUP failed with status $setup_rc"
     fi
     local repo
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

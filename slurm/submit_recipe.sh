@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# Submit the training stages of a recipe as a chain of Slurm jobs, each starting after the previous one succeeded.
+# Submit a recipe (configs/recipes/*.yaml, the same file `python -m train.recipe` runs) as a chain of Slurm jobs,
+# each starting only after the previous one succeeded.
 #
 #   slurm/submit_recipe.sh [--dry-run] [--from NAME] <recipe.yaml> [sbatch option ...]
 #
-# The recipe (configs/recipes/*.yaml) has `output_dir` and a list `stages:` of {name, config, overrides: [..], ...}.
-# Training stages (kind pretrain, midtrain, sft, dpo) are submitted in order with slurm/<kind>.sbatch and the
-# overrides  output_dir=<recipe output_dir>/<name>  and, from the second one on,  train.init_from=<previous stage's
-# output_dir>; the stage's own overrides come after these and win. Other stages (prepare, pts, export, eval, ...)
-# are not jobs here: they are listed so you can run them yourself.
-#   kind     the stage's `kind`, else its `stage`, else its name when that is a kind, else the config's `stage:`
-#   sbatch   optional per-stage list of sbatch options (e.g. ["--nodes=4", "--time=48:00:00"])
-# The sbatch options given on the command line apply to every job (per-stage ones come after them and win).
-# Each job runs with --dependency=afterok:<previous job> --kill-on-invalid-dep=yes: if a stage fails, the rest of
-# the chain is cancelled instead of waiting forever. A stage requeued after preemption keeps its successors waiting.
-# --from NAME starts the chain at stage NAME (its init_from is still the previous stage's output_dir).
-# --dry-run prints the sbatch commands without submitting.
+# Every stage becomes one job, in the recipe's order, running exactly what `python -m train.recipe` would run for it
+# (train/recipe.py builds the commands), in <output_dir>/<name>/:
+#   kind train   slurm/<stage>.sbatch (pretrain, midtrain, sft or dpo: the `stage:` of its config) with the runner's
+#                wiring: output_dir=<output_dir>/<name> train.resume=auto train.init_from=<previous training stage>,
+#                then the stage's overrides. Multi-node, requeued on preemption (see slurm/README.md).
+#   other kinds  (smoke_data, prepare, pts, export, eval) one task on one node with one GPU.
+# Jobs run from the repo root (relative paths in stage configs mean what they mean to the runner); their logs,
+# <job name>-<id>.out/.err, land in the directory you submit from.
+# The recipe's and stages' `nproc` (the local runner's process count) is not used: the Slurm allocation decides.
+# sbatch options given after the recipe apply to every job (e.g. --partition=gpu --account=me --nodes=4).
+# Jobs run with --dependency=afterok:<previous> --kill-on-invalid-dep=yes: a failed stage cancels the rest of the
+# chain instead of leaving it pending forever; a stage requeued after preemption keeps its successors waiting.
+# PHI4_RECIPE_DIR is exported to the jobs (stage configs use ${oc.env:PHI4_RECIPE_DIR,...}), as the runner does.
+#   --from NAME  start at stage NAME (earlier stages are taken as done: init_from still points at them)
+#   --dry-run    print the sbatch commands without submitting
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,95 +28,77 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) dry_run=1; shift ;;
         --from) from="${2:?--from needs a stage name}"; shift 2 ;;
-        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) break ;;
     esac
 done
 [ $# -ge 1 ] || { echo "usage: $0 [--dry-run] [--from NAME] <recipe.yaml> [sbatch option ...]" >&2; exit 2; }
 recipe="$1"; shift
 common_opts=("$@")
+[ -f "$recipe" ] || { echo "recipe not found: $recipe" >&2; exit 2; }
+recipe="$(cd "$(dirname "$recipe")" && pwd)/$(basename "$recipe")"
 
-# One line per training stage, shell-quoted: kind name output_dir n_sbatch sbatch... config overrides...
-plan="$(PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${PHI4_PYTHON:-python}" - "$recipe" "$REPO" "$from" <<'PY'
+# Line 1: the recipe's output_dir. Then one line per stage, shell-quoted: name, "train" <sbatch script> <args...>
+# or "cmd" <shell command>.
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+plan="$("${PHI4_PYTHON:-python}" - "$recipe" "$from" <<'PY'
 import os, shlex, sys
-import yaml
+from pathlib import Path
 
-path, repo, start = sys.argv[1], sys.argv[2], sys.argv[3]
-TRAIN = ("pretrain", "midtrain", "sft", "dpo")
-def fail(msg):
-    print(f"{path}: {msg}", file=sys.stderr); sys.exit(2)
-if not os.path.isfile(path):
-    fail("recipe file not found")
+from train.config import REPO_ROOT, ConfigError, load_config
+from train.recipe import Recipe, RecipeRunner
+
+path, start = sys.argv[1], sys.argv[2]
 try:
-    recipe = yaml.safe_load(open(path))
-except yaml.YAMLError as e:
-    mark = getattr(e, "problem_mark", None)
-    fail(f"{'line %d: ' % (mark.line + 1) if mark else ''}invalid YAML: {getattr(e, 'problem', e)}")
-if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), list) or not recipe["stages"]:
-    fail("expected a mapping with a non-empty list 'stages'")
-if not isinstance(recipe.get("output_dir"), str) or not recipe["output_dir"]:
-    fail("expected 'output_dir' (a path string)")
-root = os.path.abspath(recipe["output_dir"])
-
-def find(p):  # config paths: from the current directory, else from the repo root
-    for cand in (p, os.path.join(repo, p)):
-        if os.path.isfile(cand):
-            return os.path.abspath(cand)
-    return None
-
-lines, prev_out, seen, started, skipped = [], None, set(), not start, []
-for i, st in enumerate(recipe["stages"]):
-    where = f"stages[{i}]"
-    if not isinstance(st, dict) or not isinstance(st.get("name"), str) or not st["name"]:
-        fail(f"{where}: expected a mapping with a 'name'")
-    name = st["name"]
-    where = f"stage '{name}' ({where})"
-    if name in seen:
-        fail(f"{where}: duplicate stage name")
-    seen.add(name)
-    config = st.get("config")
-    cfg_path = find(config) if isinstance(config, str) else None
-    kind = st.get("kind") or st.get("stage") or (name if name in TRAIN else None)
-    if kind is None and cfg_path:
-        raw = yaml.safe_load(open(cfg_path)) or {}
-        kind = raw.get("stage") if isinstance(raw, dict) else None
-    if kind not in TRAIN:
-        skipped.append(f"{name} ({kind or 'unknown kind'})")
-        continue
-    if cfg_path is None:
-        fail(f"{where}: config {config!r} not found (from {os.getcwd()} or {repo})")
-    overrides = st.get("overrides") or []
-    if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
-        fail(f"{where}: 'overrides' must be a list of 'key=value' strings")
-    opts = st.get("sbatch") or []
-    if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
-        fail(f"{where}: 'sbatch' must be a list of sbatch option strings")
-    out = os.path.abspath(st["output_dir"]) if st.get("output_dir") else os.path.join(root, name)
-    gen = [f"output_dir={out}"] + ([f"train.init_from={prev_out}"] if prev_out else [])
-    started = started or name == start
+    recipe = load_config(path, [], schema=Recipe)
+except ConfigError as e:
+    sys.exit(f"configuration error: {e}")
+runner = RecipeRunner(recipe, log=lambda *_: None)
+os.environ["PHI4_RECIPE_DIR"] = str(runner.out)  # stage configs resolve their paths against it
+if start and start not in [s.name for s in recipe.stages]:
+    sys.exit(f"{path}: --from {start}: no such stage (stages: {[s.name for s in recipe.stages]})")
+lines, started = [str(runner.out)], not start
+for stage in recipe.stages:
+    started = started or stage.name == start
     if started:
-        lines.append(" ".join(shlex.quote(x) for x in [kind, name, out, str(len(opts)), *opts, cfg_path, *gen, *overrides]))
-    prev_out = out
-if start and not started:
-    fail(f"--from {start}: no training stage of that name")
-if not lines:
-    fail("no training stage (pretrain, midtrain, sft, dpo) to submit")
-for s in skipped:
-    print(f"# not submitted (not a training stage): {s}", file=sys.stderr)
+        cmd = runner._command(stage)
+        if stage.kind == "train":
+            args = cmd[cmd.index("train") + 1:]  # <config> <runner wiring> <stage overrides>
+            config = args[0] if (REPO_ROOT / args[0]).is_file() else str(Path(args[0]).resolve())
+            config = str(REPO_ROOT / config)  # the runner runs from the repo root; an absolute path stays as it is
+            try:
+                kind = load_config(config, args[1:]).stage
+            except ConfigError as e:
+                sys.exit(f"{path}: stage {stage.name}: {e}")
+            lines.append(shlex.join([stage.name, "train", f"{kind}.sbatch", config, *args[1:]]))
+        else:
+            cmd[0] = "${PHI4_PYTHON:-python}" if cmd[0] == sys.executable else cmd[0]
+            lines.append(shlex.join([stage.name, "cmd", " ".join(cmd[:1] + [shlex.quote(c) for c in cmd[1:]])]))
+    if stage.kind == "train":
+        runner.last_train = runner.stage_dir(stage.name)
 print("\n".join(lines))
 PY
 )"
 
+export PHI4_RECIPE_DIR="${plan%%$'\n'*}"
+# Jobs run from the repo root, as under the local runner; their logs land in the directory you submit from.
+where=(--chdir="$REPO" --output="$PWD/%x-%j.out" --error="$PWD/%x-%j.err")
 prev=""
 while IFS= read -r line; do
     eval "f=($line)"
-    kind="${f[0]}"; name="${f[1]}"; out="${f[2]}"; n="${f[3]}"
-    stage_opts=("${f[@]:4:$n}")
-    args=("${f[@]:$((4 + n))}")
+    name="${f[0]}"
     dep=()
     [ -n "$prev" ] && dep=("--dependency=afterok:$prev" "--kill-on-invalid-dep=yes")
-    cmd=(sbatch --parsable --job-name="phi4-$name" "${dep[@]}" "${common_opts[@]}" "${stage_opts[@]}"
-         "$REPO/slurm/$kind.sbatch" "${args[@]}")
+    if [ "${f[1]}" = train ]; then
+        cmd=(sbatch --parsable --job-name="phi4-$name" "${where[@]}" "${dep[@]}" "${common_opts[@]}"
+             "$REPO/slurm/${f[2]}" "${f[@]:3}")
+        what="${f[2]%.sbatch}"
+    else
+        wrap="{ [ -z \"\${PHI4_ENV_SETUP:-}\" ] || eval \"\$PHI4_ENV_SETUP\"; } && ${f[2]}"
+        cmd=(sbatch --parsable --job-name="phi4-$name" --nodes=1 --ntasks=1 --gpus-per-node=1 --exclusive --mem=0
+             --time=24:00:00 --open-mode=append "${where[@]}" "${dep[@]}" "${common_opts[@]}" --wrap="$wrap")
+        what="command"
+    fi
     if [ "$dry_run" = 1 ]; then
         printf '%q ' "${cmd[@]}"; echo
         prev="<$name>"
@@ -120,6 +106,6 @@ while IFS= read -r line; do
     fi
     id="$("${cmd[@]}")"
     id="${id%%;*}"
-    echo "$name: $kind job $id${prev:+ after $prev} -> $out"
+    echo "$name: $what job $id${prev:+ after $prev} -> $PHI4_RECIPE_DIR/$name"
     prev="$id"
-done <<< "$plan"
+done <<< "${plan#*$'\n'}"

@@ -289,8 +289,14 @@ def test_smoke_config_loads_and_bad_values_are_named(tmp_path):
         load_config(bad, ["recal.samples=3"], schema=E.EvalConfig)
     bad.write_text("perplexity: [{name: x, path: a.jsonl}]\noutput_dir: out\nmodel_path: nowhere\n")
     assert E.main([str(bad)]) == 2
+    rows = tmp_path / "mc.jsonl"
+    rows.write_text('{"question": "q", "choices": ["a"], "answer": 0}\n{"question": "q2", "choices": ["a"]}\n')
+    cfg = E.EvalConfig(model_path=str(tmp_path), multiple_choice=[E.MultipleChoiceTask(name="m", path=str(rows))])
+    with pytest.raises(ValueError, match=r"mc.jsonl line 2: missing key\(s\) \['answer'\]"):
+        E.check_inputs(cfg)
 
 
+@pytest.mark.slow
 def test_cli_on_a_trained_checkpoint(tok, tmp_path):
     """A real (1-process) training run; eval loads its newest checkpoint, writes results, samples, offline wandb."""
     from tests.train_helpers import check, make_sources, run_train, write_run_config

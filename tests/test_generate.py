@@ -67,16 +67,16 @@ def test_greedy_batch_equals_stepwise_argmax_and_each_prompt_alone(model, prompt
 
 
 def test_seeded_sampling_is_reproducible_and_logprobs_are_model_logprobs(model, prompts):
-    batch = [prompts[0], prompts[0], prompts[1], prompts[0]]  # repeated prompts share one prefill
+    batch = [prompts[0], prompts[1], prompts[0]]  # repeated prompts share one prefill
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        return generate(model, batch, 5, temperature=1.5, top_p=0.95, eos_ids=(), generator=g)
+        return generate(model, batch, 4, temperature=1.5, top_p=0.95, eos_ids=(), generator=g)
 
     first, again, other = run(7), run(7), run(8)
     assert [g.tokens for g in first] == [g.tokens for g in again]
     assert [g.tokens for g in first] != [g.tokens for g in other]
-    assert len({tuple(first[i].tokens) for i in (0, 1, 3)}) > 1  # copies of one prompt sample independently
+    assert first[0].tokens != first[2].tokens  # copies of one prompt sample independently
     for prompt, got in zip(batch, first):
         seq = list(prompt)
         for token, logprob in zip(got.tokens, got.logprobs):

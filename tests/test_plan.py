@@ -171,12 +171,14 @@ def test_recipe_mode_sums_the_training_stages(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"output_dir": "runs/x", "stages": [
         {"name": "prepare", "kind": "prepare"},
-        {"name": "pretrain", "kind": "pretrain", "config": pre},
+        {"name": "pretrain", "kind": "train", "config": pre},
         {"name": "midtrain", "kind": "midtrain", "config": mid, "overrides": ["optim.lr=3e-5"]},
-        {"name": "export", "kind": "export", "config": ""}]}))
+        {"name": "eval", "kind": "eval", "config": "configs/smoke/eval.yaml"},
+        {"name": "export", "kind": "export"}]}))
     rc, out = run_cli([recipe, "--gpus", 1920])
     assert rc == 0
     assert "prepare      skipped: no training config" in out and "export       skipped" in out
+    assert "eval         skipped: kind=eval: not a training stage" in out
     assert "paper: 21 days on 1,920 H100-80G" in out
     rc, out = run_cli([recipe, "--gpus", 1920, "--json"])
     data = json.loads(out)

@@ -560,16 +560,21 @@ def evaluate(model: Transformer, tokenizer, cfg: EvalConfig, device) -> dict[str
     return flatten(run_tasks(model, tokenizer, cfg, device))
 
 
-def check_paths(cfg: EvalConfig) -> None:
-    """Fail before loading a model when an input is missing."""
+def check_inputs(cfg: EvalConfig) -> None:
+    """Fail before loading a model when an input is missing or a jsonl row is malformed (file and line named)."""
     if not cfg.model_path or not Path(cfg.model_path).exists():
         raise ConfigError(f"model_path={cfg.model_path!r} does not exist (a run dir, a checkpoint dir or an HF dir)")
-    for section in ("multiple_choice", "generative", "perplexity"):
+    required = {"multiple_choice": ("question", "choices", "answer"), "generative": ("answer",), "perplexity": ()}
+    for section, keys in required.items():
         for i, t in enumerate(getattr(cfg, section)):
             for key in ("path", "fewshot_path"):
                 p = getattr(t, key, "")
                 if p and not Path(p).exists():
                     raise ConfigError(f"{section}[{i}] ({t.name}).{key}={p!r} does not exist")
+            if section != "perplexity":
+                read_jsonl(t.path, keys)
+            elif not Path(t.path).is_dir():
+                read_jsonl(t.path, (t.text_field,))
 
 
 def write_results(cfg: EvalConfig, records: list[dict], info: dict, label: str) -> Path:
@@ -614,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args[0], args[1:], schema=EvalConfig)
         if not cfg.output_dir:
             raise ConfigError(f"{args[0]}: output_dir is empty")
-        check_paths(cfg)
+        check_inputs(cfg)
     except (ConfigError, ValueError) as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2

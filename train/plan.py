@@ -54,6 +54,8 @@ GPUS = {
 ACT_BYTES_NO_AC = 34  # x s b h per layer (Korthikanti eq. 1 without the attention-score term)
 ACT_BYTES_AC = 2  # x s b h per layer: the checkpointed block input, 16-bit
 ZERO3_PREFETCH_ELEMENTS = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size default
+PHI4_PARAMS = 14_659_507_200
+TRAIN_KINDS = ("train",) + STAGES  # recipe stage kinds that run the trainer
 PAPER_DAYS, PAPER_GPUS = 21.0, 1920  # HF model card microsoft/phi-4: 1920 H100-80G, 21 days, 9.8T tokens
 
 
@@ -237,7 +239,8 @@ def _has_stage_key(path: Path) -> bool:
 
 
 def plan_recipe(path: Path, overrides: list[str], hw: Hardware) -> dict:
-    """Each training stage of a recipe planned on the same cluster; other stages listed as skipped."""
+    """Each training stage of a recipe (kind `train`, or a stage name) planned on the same cluster; the others
+    (data, prepare, pts, export, eval) are listed as skipped."""
     raw = yaml.safe_load(path.read_text())
     if not isinstance(raw.get("stages"), list):
         raise ConfigError(f"{path}: 'stages' must be a list of {{name, kind, config, overrides}}")
@@ -245,16 +248,20 @@ def plan_recipe(path: Path, overrides: list[str], hw: Hardware) -> dict:
     for i, st in enumerate(raw["stages"]):
         if not isinstance(st, dict) or "name" not in st:
             raise ConfigError(f"{path}: stages[{i}] must be a mapping with at least 'name'")
-        config = st.get("config")
-        if not config or st.get("kind", st["name"]) not in STAGES:
-            skipped.append({"name": st["name"], "kind": st.get("kind", ""), "reason": "no training config"})
+        config, kind = st.get("config"), st.get("kind", "train")
+        if not config or kind not in TRAIN_KINDS:
+            reason = "no training config" if not config else f"kind={kind}: not a training stage"
+            skipped.append({"name": st["name"], "kind": kind, "reason": reason})
             order.append(("skipped", len(skipped) - 1))
             continue
         config_path = Path(config)
         if not config_path.is_absolute() and not config_path.exists():
             config_path = REPO_ROOT / config
         stage_overrides = [str(o) for o in st.get("overrides", []) or []] + list(overrides)
-        cfg = load_config(config_path, stage_overrides)
+        try:
+            cfg = load_config(config_path, stage_overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: stage '{st['name']}': {e}") from None
         stages.append({"name": st["name"], "config": str(config), **plan_stage(cfg, hw)})
         order.append(("stages", len(stages) - 1))
     total_days = sum(s["days"] for s in stages)
@@ -278,7 +285,7 @@ def format_recipe(r: dict) -> str:
                      f"{s['tokens_per_s_per_gpu']:10,.0f} {s['step_time_s']:8.2f} {s['days']:7.2f}  "
                      f"{need / GIB:.1f} GiB {fit}")
     lines.append(f"{'total':12s} {'':6s} {r['total_tokens']:20,d} {'':9s} {'':10s} {'':8s} {r['total_days']:7.2f}")
-    if r["stages"]:
+    if any(s["parameters"] == PHI4_PARAMS for s in r["stages"]):  # the paper's figure is for the 14B model
         s0 = r["stages"][0]
         lines.append(f"paper: {PAPER_DAYS:.0f} days on {PAPER_GPUS:,} H100-80G for everything (model card); this plan: "
                      f"{r['total_days']:.1f} days on up to {s0['gpus']:,} x {s0['gpu']} at {100 * s0['mfu']:.0f}% MFU, "
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             result = plan_stage(load_config(path, args.overrides), hw)
             text = format_stage(result, path.stem)
     except ConfigError as e:
-        hint = "" if _has_stage_key(path) else (" (a stage run config has a 'stage' key; a recipe has a 'stages' "
+        hint = "" if _has_stage_key(path) or _is_recipe(path) else (" (a stage run config has a 'stage' key; a recipe has a 'stages' "
                                                  "list)")
         print(f"configuration error: {e}{hint}", file=sys.stderr)
         return 2

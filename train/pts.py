@@ -407,8 +407,11 @@ def run(cfg: PTSConfig) -> dict:
 
     from data.tokenizer import Phi4Tokenizer
 
+    if not Path(cfg.model).exists():
+        raise FileNotFoundError(f"model={cfg.model}: no such run, checkpoint or Hugging Face directory")
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    output.touch(exist_ok=True)  # an empty pairs file when no question yields a pair
     state_path = sidecar(output, ".state.jsonl")
     questions = read_questions(cfg.questions)[cfg.shard_index::cfg.num_shards]
     if cfg.max_questions:

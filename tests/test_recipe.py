@@ -1,0 +1,76 @@
+"""The main job, end to end: `python -m train.recipe configs/recipes/smoke.yaml` on a CPU (the project's widest test)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.train_helpers import REPO, train_losses
+
+pytestmark = pytest.mark.slow
+TRAIN_STAGES = ("pretrain", "midtrain", "sft", "dpo_pts", "dpo")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    proc = subprocess.run([sys.executable, "-m", "train.recipe", "configs/recipes/smoke.yaml", f"output_dir={out}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return out, proc
+
+
+def test_every_training_stage_lowers_its_loss(smoke_run):
+    out, _ = smoke_run
+    for stage in TRAIN_STAGES:
+        losses = train_losses(out / stage)
+        steps = sorted(losses)
+        first = sum(losses[s] for s in steps[:3]) / 3
+        last = sum(losses[s] for s in steps[-3:]) / 3
+        assert last < first, (stage, losses)
+
+
+def test_pts_writes_pairs_and_dpo_learns_the_preference(smoke_run):
+    out, _ = smoke_run
+    pairs = [json.loads(line) for line in (out / "pts" / "pairs.jsonl").read_text().splitlines() if line.strip()]
+    assert pairs, "Pivotal Token Search found no pair"
+    for pair in pairs:
+        assert len(pair["chosen_ids"]) == 1 and len(pair["rejected_ids"]) == 1 and pair["prompt_ids"]
+    final = [r for r in map(json.loads, (out / "dpo" / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-1]
+    assert final["dpo/reward_accuracy"] > 0.5 and final["dpo/margin"] > 0
+
+
+def test_export_loads_in_transformers_with_the_checkpoints_logits(smoke_run):
+    import transformers
+
+    from train.export import load_checkpoint_model
+
+    out, _ = smoke_run
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "export" / "hf", dtype=torch.float32)
+    ours, _ = load_checkpoint_model(str(out / "dpo"))
+    x = torch.randint(0, 100_352, (2, 32))
+    with torch.no_grad():
+        # The export is bf16 (the released model's dtype): compare against our weights rounded the same way.
+        torch.testing.assert_close(hf(x).logits, ours.to(torch.bfloat16).float()(x), atol=2e-2, rtol=2e-2)
+
+
+def test_summary_plots_and_evals_before_and_after(smoke_run):
+    out, proc = smoke_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]][:3] == ["data", "prepare", "pretrain"]
+    assert (out / "summary.md").read_text().count("| train |") == len(TRAIN_STAGES)
+    for stage in TRAIN_STAGES:
+        assert (out / "plots" / f"{stage}.png").stat().st_size > 1000
+    by_name = {s["name"]: s for s in summary["stages"]}
+    assert by_name["eval_base"]["scores"] and by_name["eval_final"]["scores"]
+
+
+def test_rerun_skips_completed_stages(smoke_run):
+    out, _ = smoke_run
+    proc = subprocess.run([sys.executable, "-m", "train.recipe", "configs/recipes/smoke.yaml", f"output_dir={out}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("already complete") == len(json.loads((out / "summary.json").read_text())["stages"])
