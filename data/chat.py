@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from data.fileio import atomic_path, atomic_write
 from data.mixture import held_out_mask
 
 log = logging.getLogger(__name__)
@@ -48,15 +49,13 @@ class ChatDataError(ValueError):
 
 
 # ---- shared by SFT and DPO ------------------------------------------------------------------------------
-def read_jsonl(path: str | Path, hasher=None) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; `hasher` (hashlib object) is fed every byte of the file."""
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line."""
     path = Path(path)
     if not path.is_file():
         raise ChatDataError(f"{path}: file not found")
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            if hasher is not None:
-                hasher.update(raw)
             if not raw.strip():
                 continue
             try:
@@ -66,6 +65,40 @@ def read_jsonl(path: str | Path, hasher=None) -> Iterator[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 raise ChatDataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
             yield line_no, obj
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_arrays(cache_dir: str | Path | None, key: dict, build) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, meta) of a tokenized file: from cache_dir when its key.json equals `key`, else `build()` and saved.
+
+    Tokenizing a large file takes minutes per rank at every (re)start; the cache makes restarts take seconds, and
+    its arrays are memory-mapped read-only, so the ranks of a node share one copy. Ranks that miss it together
+    build identical arrays; every file is replaced atomically and key.json is written last.
+    """
+    cache_dir = Path(cache_dir) if cache_dir else None
+    if cache_dir is not None and (cache_dir / "key.json").is_file():
+        try:
+            saved = json.loads((cache_dir / "key.json").read_text())
+            if saved.get("key") == key:
+                return {n: np.load(cache_dir / f"{n}.npy", mmap_mode="r") for n in saved["arrays"]}, saved["meta"]
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("token cache %s unreadable (%s): tokenizing again", cache_dir, e)
+    arrays, meta = build()
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        (cache_dir / "key.json").unlink(missing_ok=True)  # the old arrays are about to be replaced
+        for name, array in arrays.items():
+            with atomic_path(cache_dir / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, array)
+        atomic_write(cache_dir / "key.json", json.dumps({"key": key, "arrays": sorted(arrays), "meta": meta}))
+    return arrays, meta
 
 
 def segment_arrays(ids: np.ndarray, target_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,11 +199,10 @@ def check_loss_mask(batch: dict, where: str) -> None:
             "included). Likely cause: pretraining-style labels instead of render_chat's assistant-only mask.")
 
 
-def load_conversations(path: str | Path, tokenizer) -> dict:
-    """Render every conversation: flat `tokens` int32, `mask` bool, `offsets` (n+1,), and the file's sha256."""
-    hasher = hashlib.sha256()
+def load_conversations(path: str | Path, tokenizer) -> dict[str, np.ndarray]:
+    """Render every conversation: flat `tokens` int32, `mask` bool, `offsets` (n+1,) int64."""
     tokens, masks, lengths = [], [], []
-    for line_no, obj in read_jsonl(path, hasher):
+    for line_no, obj in read_jsonl(path):
         messages = obj.get("messages")
         try:
             ids, mask = tokenizer.render_chat(messages)
@@ -186,23 +218,29 @@ def load_conversations(path: str | Path, tokenizer) -> dict:
         raise ChatDataError(f"{path}: no conversations")
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    return {"tokens": np.concatenate(tokens), "mask": np.concatenate(masks), "offsets": offsets,
-            "sha256": hasher.hexdigest()}
+    return {"tokens": np.concatenate(tokens), "mask": np.concatenate(masks), "offsets": offsets}
 
 
 class ChatBatches:
-    """This rank's SFT micro-batches, endlessly over epochs; `state_dict()` (rows consumed) makes it resumable."""
+    """This rank's SFT micro-batches, endlessly over epochs; `state_dict()` (rows consumed) makes it resumable.
+
+    token_cache: a directory for the rendered conversations (see `cached_arrays`); None = render in memory.
+    """
 
     def __init__(self, path: str | Path, seq_len: int, micro_batch: int, global_batch: int, rank: int = 0,
                  world_size: int = 1, seed: int = 1234, pack: bool = True, held_out_fraction: float = 0.0,
-                 tokenizer=None):
+                 tokenizer=None, token_cache: str | Path | None = None):
         check_layout(seq_len, micro_batch, global_batch, rank, world_size)
         if tokenizer is None:
             from data.tokenizer import Phi4Tokenizer
             tokenizer = Phi4Tokenizer()
         self.path, self.seq_len, self.pack, self.seed = Path(path), seq_len, pack, seed
         self.micro_batch, self.global_batch, self.rank, self.world_size = micro_batch, global_batch, rank, world_size
-        data = load_conversations(path, tokenizer)
+        if not self.path.is_file():
+            raise ChatDataError(f"{path}: file not found")
+        sha256 = file_sha256(path)
+        key = {"format": STATE_FORMAT, "kind": "sft", "sha256": sha256, "tokenizer": tokenizer.fingerprint}
+        data, _ = cached_arrays(token_cache, key, lambda: (load_conversations(path, tokenizer), {}))
         self.tokens, self.mask, self.offsets = data["tokens"], data["mask"], data["offsets"]
         self.num_conversations = len(self.offsets) - 1
         self.segment_lengths = np.diff(self.offsets) - 1  # positions each conversation takes in a row
@@ -218,7 +256,7 @@ class ChatBatches:
             raise ChatDataError(f"{path}: no training conversation left ({self.num_conversations} read, "
                                 f"{self.dropped_too_long} longer than seq_len + 1 = {seq_len + 1} tokens, "
                                 f"held_out_fraction={held_out_fraction})")
-        ident = {"format": STATE_FORMAT, "sha256": data["sha256"], "tokenizer": tokenizer.fingerprint,
+        ident = {"format": STATE_FORMAT, "sha256": sha256, "tokenizer": tokenizer.fingerprint,
                  "seq_len": seq_len, "pack": pack, "pack_block": PACK_BLOCK, "seed": seed,
                  "held_out_fraction": held_out_fraction}
         self.fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

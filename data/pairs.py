@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.chat import (ChatDataError, check_layout, pack_segments, read_jsonl, sample_index, samples_consumed,
-                       segment_arrays, best_fit_rows)
+from data.chat import (ChatDataError, best_fit_rows, cached_arrays, check_layout, file_sha256, pack_segments,
+                       read_jsonl, sample_index, samples_consumed, segment_arrays)
 from data.mixture import held_out_mask
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def _token_ids(value, key: str, where: str) -> np.ndarray:
     return ids.astype(np.int32)
 
 
-def parse_pair(obj: dict, where: str, tokenizer_fn) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def parse_pair(obj: dict, where: str, tok) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """(prompt, chosen, rejected) token ids and the form ('ids' | 'text') of one jsonl record."""
     if any(k in obj for k in ID_KEYS):
         missing = [k for k in ID_KEYS if k not in obj]
@@ -68,7 +68,6 @@ def parse_pair(obj: dict, where: str, tokenizer_fn) -> tuple[np.ndarray, np.ndar
         if not isinstance(obj[key], str):
             raise ChatDataError(f"{where}: '{key}' must be a string (or use '{key}_ids' for token ids), got "
                                 f"{type(obj[key]).__name__}")
-    tok = tokenizer_fn()
     try:
         prompt = tok.apply_chat_template(obj["prompt"], add_generation_prompt=True)
     except ValueError as e:
@@ -77,20 +76,12 @@ def parse_pair(obj: dict, where: str, tokenizer_fn) -> tuple[np.ndarray, np.ndar
     return (np.asarray(prompt, np.int32), np.asarray(chosen, np.int32), np.asarray(rejected, np.int32), "text")
 
 
-def load_pairs(path: str | Path, tokenizer=None) -> dict:
-    """Every pair of a file: flat `tokens` int32 and `bounds` (n, 4) offsets of prompt | chosen | rejected."""
-    hasher = hashlib.sha256()
-    holder = {"tok": tokenizer}
-
-    def tokenizer_fn():
-        if holder["tok"] is None:
-            from data.tokenizer import Phi4Tokenizer
-            holder["tok"] = Phi4Tokenizer()
-        return holder["tok"]
-
+def load_pairs(path: str | Path, tokenizer) -> tuple[dict[str, np.ndarray], dict]:
+    """Every pair of a file: arrays (flat `tokens` int32, `bounds` (n, 4) offsets of prompt | chosen | rejected)
+    and meta (`forms` counted, `tokenizer`: its fingerprint, or 'token-ids-as-given' when no pair is text)."""
     parts, lengths, forms = [], [], {"ids": 0, "text": 0}
-    for line_no, obj in read_jsonl(path, hasher):
-        prompt, chosen, rejected, form = parse_pair(obj, f"{path}:{line_no}", tokenizer_fn)
+    for line_no, obj in read_jsonl(path):
+        prompt, chosen, rejected, form = parse_pair(obj, f"{path}:{line_no}", tokenizer)
         parts += [prompt, chosen, rejected]
         lengths.append((len(prompt), len(chosen), len(rejected)))
         forms[form] += 1
@@ -98,22 +89,33 @@ def load_pairs(path: str | Path, tokenizer=None) -> dict:
         raise ChatDataError(f"{path}: no preference pairs")
     flat = np.cumsum(np.concatenate([[0], np.asarray(lengths, dtype=np.int64).reshape(-1)]))
     bounds = np.stack([flat[0:-1:3], flat[1::3], flat[2::3], flat[3::3]], axis=1)  # (n, 4)
-    tok = holder["tok"]
-    return {"tokens": np.concatenate(parts), "bounds": bounds, "sha256": hasher.hexdigest(), "forms": forms,
-            # token-id-only files never touch the tokenizer; text files depend on it and on the template
-            "tokenizer": tok.fingerprint if forms["text"] else "token-ids-as-given"}
+    # token-id-only files never touch the tokenizer; text files depend on it and on the template
+    meta = {"forms": forms, "tokenizer": tokenizer.fingerprint if forms["text"] else "token-ids-as-given"}
+    return {"tokens": np.concatenate(parts), "bounds": bounds}, meta
 
 
 class PairBatches:
-    """This rank's DPO micro-batches (micro_batch pairs each), endlessly over epochs; resumable by pairs consumed."""
+    """This rank's DPO micro-batches (micro_batch pairs each), endlessly over epochs; resumable by pairs consumed.
+
+    token_cache: a directory for the tokenized pairs (data/chat.py `cached_arrays`); None = tokenize in memory.
+    """
 
     def __init__(self, path: str | Path, seq_len: int, micro_batch: int, global_batch: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 1234, held_out_fraction: float = 0.0, tokenizer=None):
+                 world_size: int = 1, seed: int = 1234, held_out_fraction: float = 0.0, tokenizer=None,
+                 token_cache: str | Path | None = None):
         check_layout(seq_len, micro_batch, global_batch, rank, world_size)
         self.path, self.seq_len, self.seed = Path(path), seq_len, seed
         self.micro_batch, self.global_batch, self.rank, self.world_size = micro_batch, global_batch, rank, world_size
-        data = load_pairs(path, tokenizer)
-        self.tokens, self.bounds, self.forms = data["tokens"], data["bounds"], data["forms"]
+        if not self.path.is_file():
+            raise ChatDataError(f"{path}: file not found")
+        if tokenizer is None:
+            from data.tokenizer import Phi4Tokenizer
+            tokenizer = Phi4Tokenizer()
+        sha256 = file_sha256(path)
+        key = {"format": PAIRS_FORMAT, "kind": "dpo", "sha256": sha256, "tokenizer": tokenizer.fingerprint,
+               "template": _template_fingerprint()}
+        data, meta = cached_arrays(token_cache, key, lambda: load_pairs(path, tokenizer))
+        self.tokens, self.bounds, self.forms = data["tokens"], data["bounds"], meta["forms"]
         self.num_pairs = len(self.bounds)
         p, c, r = (np.diff(self.bounds[:, k:k + 2], axis=1)[:, 0] for k in range(3))
         fits = p + np.maximum(c, r) - 1 <= seq_len  # positions the longer sequence takes in a row
@@ -131,7 +133,7 @@ class PairBatches:
             raise ChatDataError(f"{path}: no training pair left ({self.num_pairs} read, skipped {self.skipped}, "
                                 f"held_out_fraction={held_out_fraction})")
         # What the reference log-probs depend on (train/dpo.py keys its cache with it, plus the model).
-        self.identity = {"format": PAIRS_FORMAT, "data_sha256": data["sha256"], "tokenizer": data["tokenizer"],
+        self.identity = {"format": PAIRS_FORMAT, "data_sha256": sha256, "tokenizer": meta["tokenizer"],
                          "template": _template_fingerprint(), "max_tokens": seq_len, "num_pairs": self.num_pairs}
         ident = {**self.identity, "state_format": STATE_FORMAT, "seed": seed, "held_out_fraction": held_out_fraction}
         self.fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

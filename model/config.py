@@ -23,6 +23,7 @@ class ModelConfig:
     doc_masking: bool = True  # packed documents never attend to each other; positions restart per document
     activation_checkpointing: bool = False  # recompute each block in backward
     loss_chunk_tokens: int = 1024  # tokens per chunk of the fused LM-head + cross-entropy; 0 = plain (full logits)
+    onednn_loss: bool = True  # CPU only: the fused loss's matmuls through oneDNN (AVX-512) instead of MKL; same fp32
 
     @property
     def head_dim(self) -> int:

@@ -163,6 +163,7 @@ class LMHead(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.chunk_tokens = cfg.loss_chunk_tokens
+        self.onednn = cfg.onednn_loss
         self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim))
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean"):
@@ -173,7 +174,7 @@ class LMHead(nn.Module):
                              self.chunk_tokens).view(labels.shape)
         h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
         if self.chunk_tokens > 0:
-            return fused_linear_cross_entropy(h, self.weight, labels, self.chunk_tokens, reduction)
+            return fused_linear_cross_entropy(h, self.weight, labels, self.chunk_tokens, reduction, self.onednn)
         logits = F.linear(h, self.weight).float()  # (N, V) fp32: the memory the fused path avoids
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction=reduction)
 

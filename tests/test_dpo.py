@@ -234,6 +234,21 @@ def test_shipped_dpo_configs_load():
     assert smoke.data.dpo_path == "runs/smoke/data/raw/dpo.jsonl" and smoke.train.init_from == "runs/smoke/sft"
 
 
+def test_stage_checks_fail_before_compute(tmp_path):
+    from train import stages
+    from train.config import ConfigError
+
+    data = write_jsonl(tmp_path / "p.jsonl", text_pairs(2))
+    base = [f"data.dpo_path={data}", f"train.init_from={tmp_path}"]
+    stages.validate(load_config("configs/smoke/dpo.yaml", base))
+    for overrides, expected in ((["train.init_from=''"], "reference model"), (["data.dpo_path=x.jsonl"], "dpo_path"),
+                                (["dpo.beta=0"], "dpo.beta"), (["model.doc_masking=false"], "doc_masking")):
+        with pytest.raises(ConfigError, match=expected):
+            stages.validate(load_config("configs/smoke/dpo.yaml", [*base, *overrides]))
+    with pytest.raises(ConfigError, match="dpo.loss"):
+        load_config("configs/smoke/dpo.yaml", [*base, "dpo.loss=hinge"])
+
+
 # ---- real runs ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

@@ -123,6 +123,21 @@ def test_every_conversation_once_per_epoch_and_resume_exact(tmp_path, tok):
     assert len(held) == len(ref.held_rows) and all((h["labels"] != IGNORE_INDEX).any() for h in held)
 
 
+def test_token_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path, tok):
+    path = write_chats(tmp_path / "c.jsonl", [conversation(k) for k in range(10)])
+    cache = tmp_path / "run" / "sft_tokens"
+    fresh = make(path, tok, token_cache=cache)
+    assert (cache / "key.json").is_file() and not isinstance(fresh.tokens, np.memmap)
+    cached = make(path, tok, token_cache=cache)
+    assert isinstance(cached.tokens, np.memmap)  # read back, memory-mapped, not rendered again
+    for _ in range(3):
+        a, b = next(fresh), next(cached)
+        assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "labels", "position_ids", "cu_seqlens"))
+    write_chats(tmp_path / "c.jsonl", [conversation(k) for k in range(10, 14)])  # same path, other content
+    changed = make(path, tok, token_cache=cache)
+    assert not isinstance(changed.tokens, np.memmap) and changed.num_conversations == 4
+
+
 def test_packed_and_unpacked_give_the_same_loss(tmp_path, tok):
     path = write_chats(tmp_path / "c.jsonl", [conversation(k) for k in range(8)])
     torch.manual_seed(0)
@@ -189,6 +204,24 @@ def test_shipped_sft_configs_load():
     smoke = load_config("configs/smoke/sft.yaml")
     assert smoke.stage == "sft" and smoke.data.sft_path == "runs/smoke/data/raw/sft.jsonl"
     assert smoke.train.init_from == "runs/smoke/midtrain" and smoke.model.n_layers == 2
+
+
+def test_stage_checks_fail_before_compute(tmp_path):
+    from train import stages
+    from train.config import ConfigError
+
+    data = write_chats(tmp_path / "c.jsonl", [conversation(1)])
+    ok = load_config("configs/smoke/sft.yaml", [f"data.sft_path={data}", "train.init_from=''"])
+    stages.validate(ok)
+    for overrides, expected in ((["data.sft_path=nope.jsonl"], "data.sft_path"),
+                                (["model.doc_masking=false"], "doc_masking"),
+                                ([f"train.init_from={tmp_path / 'missing'}"], "does not exist")):
+        cfg = load_config("configs/smoke/sft.yaml", [f"data.sft_path={data}", "train.init_from=''", *overrides])
+        with pytest.raises(ConfigError, match=expected):
+            stages.validate(cfg)
+    unpacked = load_config("configs/smoke/sft.yaml", [f"data.sft_path={data}", "train.init_from=''",
+                                                       "model.doc_masking=false", "data.pack=false"])
+    stages.validate(unpacked)  # one conversation per row needs no document masking
 
 
 @pytest.mark.slow

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.slurm_helpers import (REPO, cancel, cluster_problem, job_info, job_logs, read_metrics, sbatch, wait_done,
-                                 wait_state)
+from tests.slurm_helpers import (REPO, TEST_SBATCH_OPTS, cancel, cluster_problem, job_info, job_logs, read_metrics,
+                                 sbatch, wait_done, wait_state)
 from tests.train_helpers import check, make_sources, run_train, write_run_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -164,7 +164,8 @@ def test_scancel_saves_and_stops_without_requeue(work):
     assert (run_dir / "checkpoints" / f"step_{status['step']:08d}").is_dir()
 
 
-def test_recipe_chain_runs_pretraining_then_midtraining(work):
+def test_recipe_chain_runs_stages_in_order(work):
+    """submit_recipe.sh: smoke data -> pretraining -> midtraining as 3 jobs chained with afterok, wired as the runner."""
     root, _ = work
     pre_cfg, _ = _config(work, "chain_pre_cfg", train={"max_steps": 4})
     mid_cfg, _ = _config(work, "chain_mid_cfg", stage="midtrain", model={"rope_theta": 250_000.0},
@@ -172,26 +173,27 @@ def test_recipe_chain_runs_pretraining_then_midtraining(work):
     out = root / "chain"
     recipe = root / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"output_dir": str(out), "stages": [
-        {"name": "data", "kind": "prepare", "config": str(pre_cfg)},  # not a training stage: listed, not submitted
-        {"name": "pretrain", "config": str(pre_cfg)},
-        {"name": "midtrain", "config": str(mid_cfg), "overrides": ["train.log_every=1"]},
+        {"name": "data", "kind": "smoke_data"},  # not a training stage: one task on one node
+        {"name": "pretrain", "kind": "train", "config": str(pre_cfg)},
+        {"name": "midtrain", "kind": "train", "config": str(mid_cfg), "overrides": ["train.log_every=1"]},
     ]}))
     proc = subprocess.run(["bash", str(REPO / "slurm" / "submit_recipe.sh"), str(recipe), "--nodes=2",
-                           "--gpus-per-node=0", "--time=15"], cwd=root, env=ENV, capture_output=True, text=True,
-                          timeout=120)
+                           *TEST_SBATCH_OPTS], cwd=root, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "not submitted (not a training stage): data (prepare)" in proc.stderr
-    jobs = dict(re.findall(r"^(\w+): \w+ job (\d+)", proc.stdout, re.M))
-    assert list(jobs) == ["pretrain", "midtrain"], proc.stdout
-    pre_job, mid_job = int(jobs["pretrain"]), int(jobs["midtrain"])
+    jobs = {name: (what, int(job)) for name, what, job in re.findall(r"^(\w+): (\w+) job (\d+)", proc.stdout, re.M)}
+    assert jobs == {"data": ("command", jobs["data"][1]), "pretrain": ("pretrain", jobs["pretrain"][1]),
+                    "midtrain": ("midtrain", jobs["midtrain"][1])}, proc.stdout
+    ids = [jobs[n][1] for n in ("data", "pretrain", "midtrain")]
     try:
-        assert job_info(mid_job)["Dependency"].startswith(f"afterok:{pre_job}"), job_info(mid_job)
-        pre = wait_done(pre_job, JOB_TIMEOUT_S)
-        mid = wait_done(mid_job, JOB_TIMEOUT_S)
+        assert job_info(ids[2])["Dependency"].startswith(f"afterok:{ids[1]}"), job_info(ids[2])
+        infos = [wait_done(j, JOB_TIMEOUT_S) for j in ids]
     finally:
-        cancel(pre_job), cancel(mid_job)
-    assert pre["JobState"] == "COMPLETED" and mid["JobState"] == "COMPLETED", (pre, mid, job_logs(root, mid_job))
-    assert datetime.fromisoformat(mid["StartTime"]) >= datetime.fromisoformat(pre["EndTime"])  # in order
+        for j in ids:
+            cancel(j)
+    assert all(i["JobState"] == "COMPLETED" for i in infos), (infos, [job_logs(root, j) for j in ids])
+    for before, after in zip(infos, infos[1:]):  # each stage starts after the previous one ended
+        assert datetime.fromisoformat(after["StartTime"]) >= datetime.fromisoformat(before["EndTime"])
+    assert (out / "data" / "raw" / "smoke_manifest.json").is_file()
     assert sorted(_losses(out / "pretrain")) == [1, 2, 3, 4] and sorted(_losses(out / "midtrain")) == [1, 2]
     saved = yaml.safe_load((out / "midtrain" / "config.yaml").read_text())
     assert saved["stage"] == "midtrain" and saved["train"]["init_from"] == str(out / "pretrain"), saved["train"]

@@ -56,13 +56,15 @@ def build_batch_source(cfg: RunConfig, rank: int, world_size: int):
 
         return ChatBatches(cfg.data.sft_path, seq_len=cfg.train.seq_len, micro_batch=cfg.train.micro_batch,
                            global_batch=cfg.train.global_batch, rank=rank, world_size=world_size,
-                           seed=cfg.data.seed, pack=cfg.data.pack, held_out_fraction=cfg.data.held_out_fraction)
+                           seed=cfg.data.seed, pack=cfg.data.pack, held_out_fraction=cfg.data.held_out_fraction,
+                           token_cache=Path(cfg.output_dir) / "sft_tokens")
     if cfg.stage == "dpo":  # train.global_batch / micro_batch count preference pairs
         from data.pairs import PairBatches
 
         return PairBatches(cfg.data.dpo_path, seq_len=cfg.train.seq_len, micro_batch=cfg.train.micro_batch,
                            global_batch=cfg.train.global_batch, rank=rank, world_size=world_size,
-                           seed=cfg.data.seed, held_out_fraction=cfg.data.held_out_fraction)
+                           seed=cfg.data.seed, held_out_fraction=cfg.data.held_out_fraction,
+                           token_cache=Path(cfg.output_dir) / "dpo_tokens")
     raise ConfigError(f"stage={cfg.stage!r} has no batch source yet")
 
 
