@@ -15,8 +15,9 @@ cu_seqlens, so it attends to nothing real. data.pack=false: one conversation per
 
 Order: a sample is one row. Epoch rows follow each other; global row i of step s, micro-batch m, rank r is
 base + s G + (m W + r) b + [0, b), as in data/loader.py, so a global batch is the same for any world size and
-the state (rows consumed) resumes exactly. The helpers here (jsonl reading, best-fit rows, `pack_segments`,
-`sample_index`) also serve the DPO pairs (data/pairs.py).
+the state (rows consumed) resumes exactly. The rendered file can be cached (`cached_arrays`, the trainer keeps it in
+`<output_dir>/sft_tokens/`) so that restarts skip tokenization. The helpers here (jsonl reading, the token cache,
+best-fit rows, `pack_segments`, `sample_index`) also serve the DPO pairs (data/pairs.py).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ rounded up to ROW_MULTIPLE. `seq_slot` (rows, T) gives, for every labelled posit
 (2 j + 0 for pair j's chosen side, 2 j + 1 for its rejected side), -1 elsewhere; `pair_ids` are the pairs'
 line-order indices (into the reference log-prob cache); `num_pairs` the count.
 Order: a sample is one pair; epoch e is a permutation of the training pairs seeded by (seed, e); the rank
-slicing and the resumable state are data/chat.py's.
+slicing, the resumable state and the token cache (`<output_dir>/dpo_tokens/` in the trainer) are data/chat.py's.
 """
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             tiny = (p_target < TINY_PROB) & ok
             if tiny.any():  # p(target) underflowed: take these rows' loss from their logits (rare; diverged model)
                 nll[tiny] = _exact_nll(hc[tiny], weight, tgt[tiny])
-            total += (nll * ok).sum()
+            total += torch.where(ok, nll, 0.0).sum()  # not nll * ok: an unlabelled row's -log p may be inf
             if not want_grad:
                 continue
             probs[rows, tgt] -= 1.0  # softmax - onehot: d nll / d logits, unscaled
@@ -85,8 +85,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 part = _mm_nt(hs.t().contiguous(), g.t(), True)
             else:
                 part = g.t() @ hs  # (V, D)
-            part = part.float()  # a fresh tensor: the first chunk's becomes the accumulator
-            grad_wt = part if grad_wt is None else grad_wt.add_(part)
+            # fp32 accumulation across chunks without an fp32 copy of each 16-bit part (6 bytes/weight at peak).
+            grad_wt = part.float() if grad_wt is None else grad_wt.add_(part)
         if want_grad:
             if grad_wt is None:  # no tokens at all
                 grad_w = torch.zeros_like(weight)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -230,8 +231,10 @@ def test_shipped_dpo_configs_load():
     assert pts.stage == judge.stage == "dpo"
     assert pts.train.init_from == "runs/phi4-14b/sft" and judge.train.init_from == pts.output_dir
     assert pts.dpo.loss == "sigmoid" and pts.dpo.beta > 0
-    smoke = load_config("configs/smoke/dpo.yaml")
-    assert smoke.data.dpo_path == "runs/smoke/data/raw/dpo.jsonl" and smoke.train.init_from == "runs/smoke/sft"
+    smoke_pts, smoke = load_config("configs/smoke/dpo_pts.yaml"), load_config("configs/smoke/dpo.yaml")
+    if "PHI4_RECIPE_DIR" not in os.environ:
+        assert smoke_pts.data.dpo_path == "runs/smoke/pts/pairs.jsonl" and smoke_pts.train.init_from == "runs/smoke/sft"
+        assert smoke.data.dpo_path == "runs/smoke/data/raw/dpo.jsonl" and smoke.train.init_from == smoke_pts.output_dir
 
 
 def test_stage_checks_fail_before_compute(tmp_path):
@@ -245,6 +248,10 @@ def test_stage_checks_fail_before_compute(tmp_path):
                                 (["dpo.beta=0"], "dpo.beta"), (["model.doc_masking=false"], "doc_masking")):
         with pytest.raises(ConfigError, match=expected):
             stages.validate(load_config("configs/smoke/dpo.yaml", [*base, *overrides]))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")  # e.g. a Pivotal Token Search that found no pair
+    with pytest.raises(ConfigError, match="no preference pair"):
+        stages.validate(load_config("configs/smoke/dpo.yaml", [*base, f"data.dpo_path={empty}"]))
     with pytest.raises(ConfigError, match="dpo.loss"):
         load_config("configs/smoke/dpo.yaml", [*base, "dpo.loss=hinge"])
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -202,8 +203,9 @@ def test_shipped_sft_configs_load():
     assert paper.stage == "sft" and paper.optim.lr == 1e-6 and paper.train.init_from.endswith("midtrain")
     assert paper.train.max_steps * paper.train.global_batch * paper.train.seq_len >= 8e9  # ~8B tokens
     smoke = load_config("configs/smoke/sft.yaml")
-    assert smoke.stage == "sft" and smoke.data.sft_path == "runs/smoke/data/raw/sft.jsonl"
-    assert smoke.train.init_from == "runs/smoke/midtrain" and smoke.model.n_layers == 2
+    assert smoke.stage == "sft" and smoke.model.n_layers == 2
+    if "PHI4_RECIPE_DIR" not in os.environ:
+        assert smoke.data.sft_path == "runs/smoke/data/raw/sft.jsonl" and smoke.train.init_from == "runs/smoke/midtrain"
 
 
 def test_stage_checks_fail_before_compute(tmp_path):

@@ -117,9 +117,15 @@ class Trainer:
                  f"{cfg.model.num_params():,}", d.world_size, self.accum, cfg.train.max_steps, d.precision,
                  cfg.deepspeed.zero_stage)
         try:
-            return self._loop()
+            code = self._loop()
         finally:
             self.metrics.close()
+        # Leave the process group cleanly on every planned exit (gloo aborts at interpreter exit otherwise);
+        # on an exception the group is left alone so no rank waits on a dead peer.
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        return code
 
     def _loop(self) -> int:
         cfg, d = self.cfg, self.dist

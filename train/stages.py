@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-
 from train.config import ConfigError, RunConfig
 
 IGNORE_INDEX = -100
+PAD_ID = 100349  # <|dummy_85|>: never produced from text, so it only marks padding
 LM_STAGES = ("pretrain", "midtrain")
 
 
@@ -80,12 +79,17 @@ def validate(cfg: RunConfig) -> None:
     if cfg.stage == "sft":
         if not cfg.data.sft_path or not Path(cfg.data.sft_path).is_file():
             raise ConfigError(f"stage=sft: data.sft_path={cfg.data.sft_path!r} is not a file (jsonl of conversations)")
+        if not _has_records(cfg.data.sft_path):
+            raise ConfigError(f"stage=sft: data.sft_path={cfg.data.sft_path!r} holds no conversation")
         if cfg.data.pack and not cfg.model.doc_masking:
             raise ConfigError("stage=sft: data.pack=true needs model.doc_masking=true, or packed conversations would "
                               "attend to each other (set data.pack=false to train one conversation per row)")
     if cfg.stage == "dpo":
         if not cfg.data.dpo_path or not Path(cfg.data.dpo_path).is_file():
             raise ConfigError(f"stage=dpo: data.dpo_path={cfg.data.dpo_path!r} is not a file (jsonl of pairs)")
+        if not _has_records(cfg.data.dpo_path):
+            raise ConfigError(f"stage=dpo: data.dpo_path={cfg.data.dpo_path!r} holds no preference pair (did the "
+                              "Pivotal Token Search find none?)")
         if not cfg.train.init_from:
             raise ConfigError("stage=dpo needs train.init_from: the starting checkpoint is also the reference model")
         if not cfg.model.doc_masking:
@@ -94,6 +98,12 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"dpo.beta={cfg.dpo.beta} and dpo.ref_chunk_pairs={cfg.dpo.ref_chunk_pairs} must be > 0")
     if cfg.train.init_from and not Path(cfg.train.init_from).exists():
         raise ConfigError(f"train.init_from={cfg.train.init_from!r} does not exist")
+
+
+def _has_records(path: str) -> bool:
+    """A jsonl file with at least one non-blank line (reads up to the first)."""
+    with open(path, "rb") as f:
+        return any(line.strip() for line in f)
 
 
 def loss_function(cfg: RunConfig, engine, batches):
@@ -118,7 +128,8 @@ def loss_units(batch: dict) -> int:
 
 
 def input_tokens(batch: dict) -> int:
-    return int(batch["input_ids"].numel())
+    """Real (non-padding) tokens, for throughput and tokens_seen."""
+    return int((batch["input_ids"] != PAD_ID).sum())
 
 
 def before_training(cfg: RunConfig, engine, batches, dist_info) -> None:
