@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from data.fileio import atomic_path, atomic_write
-from data.sources import JSONL_SUFFIXES, _lines, list_inputs
+from data.sources import JSONL_SUFFIXES, iter_lines, list_inputs
 
 CLASSES = ("clean", "partial", "contaminated")
 _MULT = np.uint64(0x100000001B3)  # odd multiplier of the polynomial n-gram hash (FNV prime); wraps mod 2**64
@@ -240,7 +240,7 @@ class Decontaminator:
 def read_jsonl(path: str | Path):
     """Yield (line number, raw line bytes, parsed record or the decoding error) for every non-blank line of a
     .jsonl / .jsonl.gz / .jsonl.zst file; a truncated or corrupt stream raises SourceError naming file and line."""
-    for line_no, raw in _lines(Path(path)):
+    for line_no, raw in iter_lines(Path(path)):
         if not raw.strip():
             continue  # blank lines are not documents (as in data.sources)
         try:

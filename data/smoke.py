@@ -36,6 +36,12 @@ from data.smoke_organic import LONG_CHARS_PER_TOKEN, approx_tokens, harvest_stdl
 
 LEVEL_WEIGHTS = [0.35, 0.3, 0.2, 0.15]  # difficulty 0..3: mostly easy, so a tiny model learns something
 CODE_SHARE = 0.3  # of SFT / DPO / PTS / eval items that are code rather than maths
+# Of the maths SFT conversations and PTS questions, the share asked as lettered multiple choice (Table 7's largest
+# PTS category, "generic multiple-choice Q&A"): a short answer whose letter is the pivotal token, and which even a
+# tiny model gets right by chance often enough (p ~ 1/4) for the 0.2 <= p <= 0.8 question filter.
+MC_SHARE = 0.4
+LETTERS = "ABCD"
+MC_INSTRUCTION = "\nAnswer with the letter of the correct choice."
 SYSTEM_PROMPTS = ["You are a helpful assistant.",
                   "You are a patient maths tutor. Solve the problem step by step and finish with 'The answer is'.",
                   "You are a careful Python programmer. Answer with code in a Python code block."]
@@ -138,6 +144,20 @@ def _mc_row(qid: str, item: dict, rng: random.Random) -> dict:
             "level": item["level"], "check": item["check"]}
 
 
+def _mc_question(item: dict, rng: random.Random) -> tuple[str, str, list[str]]:
+    """A maths item as a lettered multiple-choice question: (question text, the correct letter, the choices)."""
+    row = _mc_row("", item, rng)
+    lines = [item["question"], *(f"{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"]))]
+    return "\n".join(lines) + MC_INSTRUCTION, LETTERS[row["answer"]], row["choices"]
+
+
+def _mc_question_row(qid: str, item: dict, rng: random.Random) -> dict:
+    question, letter, choices = _mc_question(item, rng)
+    return {"id": qid, "messages": [{"role": "user", "content": question}], "question": question, "answer": letter,
+            "oracle": "math", "kind": "multiple_choice", "choices": choices, "level": item["level"],
+            "check": item["check"]}
+
+
 def _sft_row(qid: str, rng: random.Random, math_pair: list[dict], code_item: dict | None) -> dict:
     """A conversation: a code task, or one maths exercise, or two in a row (multi-turn); a system prompt in some."""
     messages = []
@@ -146,6 +166,9 @@ def _sft_row(qid: str, rng: random.Random, math_pair: list[dict], code_item: dic
     if code_item is not None:
         messages += [{"role": "user", "content": _code_prompt(code_item)},
                      {"role": "assistant", "content": _code_answer(code_item["code"])}]
+    elif rng.random() < MC_SHARE:
+        question, letter, _ = _mc_question(math_pair[0], rng)
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": f"The answer is {letter}."}]
     else:
         first, second = math_pair
         messages += [{"role": "user", "content": first["question"]},
@@ -256,10 +279,14 @@ def generate(out_dir: str | Path, seed: int = 0, scale: str | SmokeScale = "defa
     rng = _rng(seed, "pts")
     distinct_code = list({_code_key(i): i for i in pool}.values())  # one item per distinct task
     n_pts_code = min(round(scale.pts * CODE_SHARE), len(distinct_code))
-    pts_rows = ([(i, "math") for i in _math_items(rng, scale.pts - n_pts_code, reserved, unique=True)]
+    pts_math = _math_items(rng, scale.pts - n_pts_code, reserved, unique=True)
+    n_pts_mc = round(len(pts_math) * MC_SHARE)
+    pts_rows = ([(i, "mc") for i in pts_math[:n_pts_mc]] + [(i, "math") for i in pts_math[n_pts_mc:]]
                 + [(i, "code") for i in rng.sample(distinct_code, n_pts_code)])
     rng.shuffle(pts_rows)
-    files["pts_questions.jsonl"] = [_question_row(f"pts-{k:05d}", i, o) for k, (i, o) in enumerate(pts_rows)]
+    files["pts_questions.jsonl"] = [
+        _mc_question_row(f"pts-{k:05d}", i, rng) if o == "mc" else _question_row(f"pts-{k:05d}", i, o)
+        for k, (i, o) in enumerate(pts_rows)]
 
     manifest = {"seed": seed, "scale": dataclasses.asdict(scale), "python": sys.version.split()[0],
                 "dropped_code_items": dropped_code, "files": {}}

@@ -100,7 +100,7 @@ def _decompressed_chunks(path: Path) -> Iterator[bytes]:
                 yield chunk
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, line bytes without the newline); a partial last line of a truncated stream is dropped."""
     n, pending = 0, []  # pending: pieces of a line not yet ended (a long line spans many chunks)
     try:
@@ -160,7 +160,7 @@ def _payload(obj, kind: str, field: str, location: str):
 def _jsonl_records(path: Path, fi: int, kind: str, field: str, start_pos: int) -> Iterator[Record]:
     empty = True
     try:
-        for n, line in _lines(path):
+        for n, line in iter_lines(path):
             if n <= start_pos:
                 empty = False
                 continue

@@ -64,8 +64,16 @@ def test_files_parse_with_expected_fields(smoke):
 
 
 def test_every_math_answer_recomputes_and_passes_the_checker(smoke):
-    rows = [r for r in read(smoke / "pts_questions.jsonl") + read(smoke / "eval_questions.jsonl")
-            if r["oracle"] == "math"] + read(smoke / "synthetic_math.jsonl")
+    questions = [r for r in read(smoke / "pts_questions.jsonl") + read(smoke / "eval_questions.jsonl")
+                 if r["oracle"] == "math"]
+    lettered = [r for r in questions if r.get("kind") == "multiple_choice"]
+    assert lettered, "PTS questions include lettered multiple choice"
+    for r in lettered:  # exactly the choice under the answer letter solves the item
+        correct = r["choices"]["ABCD".index(r["answer"])]
+        assert [safe_eval(r["check"].replace(f"({correct})", f"({c})")) for c in r["choices"]] == [
+            c == correct for c in r["choices"]], r
+        assert check_answer(f"The answer is {r['answer']}.", r["answer"])
+    rows = [r for r in questions if r not in lettered] + read(smoke / "synthetic_math.jsonl")
     for r in rows:
         assert safe_eval(r["check"]) is True, r
         # the check is an independent restatement: any other answer makes it false

@@ -196,3 +196,17 @@ def test_export_zero3_checkpoint_loads_in_transformers_with_same_logits(referenc
         torch.testing.assert_close(hf(x).logits, ours(x), atol=1e-4, rtol=1e-4)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.eos_token_id == 100265 and tok.pad_token_id == 100349
+
+
+def test_in_loop_benchmark_eval(work):
+    """train.eval_config runs the eval harness on the live model at each evaluation and logs eval/ metrics."""
+    root, sources = work
+    eval_cfg = root / "inloop_eval.yaml"
+    eval_cfg.write_text(f"perplexity:\n  - {{name: syn, path: {sources['syn']}, held_out_fraction: 0.05, "
+                        f"seed: 1234, max_tokens: 300}}\n")
+    run_dir = _run(work, "inloop", nproc=1, train={"max_steps": 2, "eval_every": 1,
+                                                     "eval_config": str(eval_cfg)})[0]
+    evals = [r for r in metrics(run_dir) if "eval/ppl/syn/perplexity" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert all(1.0 < r["eval/ppl/syn/perplexity"] < 200_000 for r in evals)
+    assert "eval/loss/syn" in evals[0]  # the held-out loss is logged with it

@@ -46,6 +46,7 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0  # steps between held-out evaluations; 0 = only at the end
     eval_batches: int = 4  # micro-batches per source in a held-out evaluation
+    eval_config: str = ""  # an EvalConfig YAML (train/eval.py) also run in-loop at each evaluation, on every rank
     seed: int = 1234
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32

@@ -230,12 +230,12 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self) -> None:
-        """Held-out loss per source, sharded over ranks and all-reduced."""
+        """Held-out loss per source (sharded over ranks, all-reduced), plus train.eval_config's tasks."""
+        results = self._benchmark_eval()
         held_out = self.batches.held_out_batches(self.cfg.train.eval_batches)
-        if not held_out:
+        if not held_out and not results:
             return
         self.engine.eval()
-        results = {}
         for name, batches in held_out.items():  # this rank's share; every rank has the same count (ZeRO-3)
             sums = [0.0, 0.0]
             for mb in batches:
@@ -247,6 +247,18 @@ class Trainer:
         self.engine.train()
         self.metrics.log(self.step, results)
         log.info("eval at step %d: %s", self.step, {k: round(v, 4) for k, v in results.items()})
+
+    def _benchmark_eval(self) -> dict:
+        """train.eval_config's tasks (multiple choice, generative, perplexity, recall) on the live model."""
+        if not self.cfg.train.eval_config:
+            return {}
+        from data.tokenizer import Phi4Tokenizer
+        from train.eval import EvalConfig, evaluate
+
+        if not hasattr(self, "_eval_setup"):
+            self._eval_setup = (load_config(self.cfg.train.eval_config, schema=EvalConfig), Phi4Tokenizer())
+        eval_cfg, tokenizer = self._eval_setup
+        return evaluate(self.engine.module, tokenizer, eval_cfg, self.dist.device)  # same work on every rank
 
     def _save(self) -> None:
         d = self.dist

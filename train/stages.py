@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from train.config import ConfigError, RunConfig
+from train.config import ConfigError, RunConfig, load_config
 
 IGNORE_INDEX = -100
 PAD_ID = 100349  # <|dummy_85|>: never produced from text, so it only marks padding
@@ -96,6 +96,12 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError("stage=dpo packs sequences into rows and needs model.doc_masking=true")
         if cfg.dpo.beta <= 0 or cfg.dpo.ref_chunk_pairs <= 0:
             raise ConfigError(f"dpo.beta={cfg.dpo.beta} and dpo.ref_chunk_pairs={cfg.dpo.ref_chunk_pairs} must be > 0")
+    if cfg.train.eval_config:
+        from train.eval import EvalConfig
+
+        if not Path(cfg.train.eval_config).is_file():
+            raise ConfigError(f"train.eval_config={cfg.train.eval_config!r} is not a file (an EvalConfig YAML)")
+        load_config(cfg.train.eval_config, schema=EvalConfig)  # its own errors name the key
     if cfg.train.init_from and not Path(cfg.train.init_from).exists():
         raise ConfigError(f"train.init_from={cfg.train.init_from!r} does not exist")
 
