@@ -39,7 +39,7 @@ CODE_SHARE = 0.3  # of SFT / DPO / PTS / eval items that are code rather than ma
 # Of the maths SFT conversations and PTS questions, the share asked as lettered multiple choice (Table 7's largest
 # PTS category, "generic multiple-choice Q&A"): a short answer whose letter is the pivotal token, and which even a
 # tiny model gets right by chance often enough (p ~ 1/4) for the 0.2 <= p <= 0.8 question filter.
-MC_SHARE = 0.4
+MC_SHARE = 0.6
 LETTERS = "ABCD"
 MC_INSTRUCTION = "\nAnswer with the letter of the correct choice."
 SYSTEM_PROMPTS = ["You are a helpful assistant.",

@@ -283,8 +283,9 @@ def test_real_run_writes_pairs_the_dpo_loader_reads_and_resumes(real_run_inputs)
             assert pair["chosen_ids"] == seven and tokenizer.decode(pair["rejected_ids"]).isdigit()
     assert sum(p["position"] == len(chain_prefix) for p in pairs) == 2  # one digit pair per kept question
 
-    loaded = load_pairs(out)
-    assert loaded["forms"] == {"ids": len(pairs), "text": 0}
+    _, meta = load_pairs(out, tokenizer)
+    assert meta["forms"] == {"ids": len(pairs), "text": 0}
+    assert meta["tokenizer"] == "token-ids-as-given"
     batches = PairBatches(out, seq_len=64, micro_batch=1, global_batch=1)
     assert batches.skipped == {"too_long": 0, "identical": 0}
     prompt, chosen, rejected = batches.sequences(0)

@@ -39,8 +39,9 @@ def test_pts_writes_pairs_and_dpo_learns_the_preference(smoke_run):
     assert pairs, "Pivotal Token Search found no pair"
     for pair in pairs:
         assert len(pair["chosen_ids"]) == 1 and len(pair["rejected_ids"]) == 1 and pair["prompt_ids"]
-    final = [r for r in map(json.loads, (out / "dpo" / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-1]
-    assert final["dpo/reward_accuracy"] > 0.5 and final["dpo/margin"] > 0
+    late = [r for r in map(json.loads, (out / "dpo" / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-3:]
+    assert sum(r["dpo/rewards_accuracy"] for r in late) / 3 > 0.5  # the last steps prefer the chosen answers
+    assert sum(r["dpo/rewards_margin"] for r in late) / 3 > 0
 
 
 def test_export_loads_in_transformers_with_the_checkpoints_logits(smoke_run):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -139,6 +140,11 @@ def bench_step(args) -> dict:
     if abs(loss_ours - loss_hf) > 1e-3:
         raise RuntimeError(f"ours and HF disagree before training: loss {loss_ours:.5f} vs {loss_hf:.5f}")
     fns = {"ours": train_step_fn(ours, x, labels, hf=False), "hf": train_step_fn(hf, x, labels, hf=True)}
+    if args.ablation:  # what each switch buys: the loss matmuls through BLAS, then no fused loss at all
+        for name, overrides in (("ours_blas", dict(onednn_loss=False)), ("ours_plain_loss", dict(loss_chunk_tokens=0))):
+            twin = Transformer(tiny_config(args.seq, **{"loss_chunk_tokens": args.chunk, **overrides})).train()
+            twin.load_state_dict(ours.state_dict())
+            fns[name] = train_step_fn(twin, x, labels, hf=False)
     compile_s = None
     if args.compile:
         compiled = copy.deepcopy(ours)
@@ -158,8 +164,9 @@ def bench_step(args) -> dict:
         out[f"{name}_tokens_per_s"] = tokens / r["median_wall_s"]
     out["ratio"] = out["ours_tokens_per_s"] / out["hf_tokens_per_s"]
     out["cpu_ratio"] = runs["hf"]["median_cpu_s"] / runs["ours"]["median_cpu_s"]
-    if args.compile:
-        out["ratio_compiled"] = out["ours_compiled_tokens_per_s"] / out["hf_tokens_per_s"]
+    for name in runs:
+        if name not in ("ours", "hf"):
+            out[f"ratio_{name.removeprefix('ours_')}"] = out[f"{name}_tokens_per_s"] / out["hf_tokens_per_s"]
     if args.profile:
         out["profile"] = {name: profile_table(fns[name]) for name in ("ours", "hf")}
     return out
@@ -185,6 +192,7 @@ class PeakRSS:
     """Peak resident set size over a block: Linux VmHWM reset through /proc/self/clear_refs, else 1 ms sampling."""
 
     def __enter__(self):
+        gc.collect()  # garbage freed inside the block would hide growth below the starting point
         self.base = _status_kib("VmRSS") * 1024
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
@@ -249,6 +257,8 @@ def bench_texts(folder: str, max_bytes: int) -> list[str]:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
+            continue
+        if not text.strip():  # data.prepare rejects empty documents
             continue
         texts.append(text)
         total += len(text.encode("utf-8"))
@@ -331,10 +341,9 @@ def bench_mfu(args, step: dict) -> dict:
     peak = max(rates.values())
     flops_token = tiny_config(args.seq).flops_per_token(args.seq)
     out = {"gemm_n": args.gemm_n, "gemm_flops": rates, "peak_flops": peak, "flops_per_token": flops_token}
-    for name in ("ours", "ours_compiled", "hf"):
-        if f"{name}_tokens_per_s" in step:
-            achieved = flops_token * step[f"{name}_tokens_per_s"]
-            out[name] = {"flops": achieved, "mfu": achieved / peak}
+    for key in [k for k in step if k.endswith("_tokens_per_s")]:  # ours, hf, and any variant timed
+        achieved = flops_token * step[key]
+        out[key.removesuffix("_tokens_per_s")] = {"flops": achieved, "mfu": achieved / peak}
     return out
 
 
@@ -356,6 +365,10 @@ def summary(res: dict) -> str:
         if "ratio_compiled" in s:
             lines.append(f"  ours with compiled blocks {s['ours_compiled_tokens_per_s']:,.0f} tok/s, ratio "
                          f"{s['ratio_compiled']:.2f}; compile + first step {s['compile_s']:.1f} s")
+        for name, label in (("blas", "onednn_loss=false"), ("plain_loss", "loss_chunk_tokens=0 (full logits)")):
+            if f"ratio_{name}" in s:
+                lines.append(f"  ours with {label}: {s[f'ours_{name}_tokens_per_s']:,.0f} tok/s, ratio "
+                             f"{s[f'ratio_{name}']:.2f}")
     if "memory" in res:
         r = res["memory"]
         g = {k: r[k]["step_growth_bytes"] / 2**20 for k in ("ours", "ours_plain", "hf")}
@@ -380,8 +393,8 @@ def summary(res: dict) -> str:
     if "mfu" in res:
         f = res["mfu"]
         rates = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in f["gemm_flops"].items())
-        parts = [f"{k} {f[k]['flops'] / 1e9:.0f} GFLOP/s = {100 * f[k]['mfu']:.0f}%" for k in ("ours", "ours_compiled",
-                                                                                             "hf") if k in f]
+        parts = [f"{k} {v['flops'] / 1e9:.0f} GFLOP/s = {100 * v['mfu']:.0f}%" for k, v in f.items()
+                 if isinstance(v, dict) and "mfu" in v]
         lines.append(f"MFU (fp32 GEMM {f['gemm_n']}^3: {rates} GFLOP/s): " + "; ".join(parts))
     return "\n".join(lines)
 
@@ -397,6 +410,7 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--chunk", type=int, default=ModelConfig.loss_chunk_tokens, help="ours: loss_chunk_tokens")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled-blocks variant")
+    p.add_argument("--ablation", action="store_true", help="also time ours without oneDNN, and without the fused loss")
     p.add_argument("--profile", action="store_true", help="print torch.profiler top ops of both steps")
     p.add_argument("--mem-batch", type=int, default=1)
     p.add_argument("--mem-seq", type=int, default=4096)

@@ -11,6 +11,8 @@ Tasks (spec section 8), each on jsonl files, each giving one result record:
   target length in tokens, then the value of one key; scored by exact match and substring match (SubEM).
 Results go to `<output_dir>/results.jsonl` (one record per task), per-item samples to `<output_dir>/samples/`, and
 wandb under `eval/`. `evaluate(model, tokenizer, cfg, device)` is the in-loop entry point (flat metric dict).
+The tasks are implemented in `train/eval_tasks.py` (multiple choice, generative, perplexity) and
+`train/eval_recall.py` (recall); this file holds the configuration, model loading, running and results.
 
 Distributed use: every rank runs every task on the same items, so forwards match rank for rank (ZeRO-3 safe). Under
 ZeRO-3 (parameters carry `ds_id`) generation never stops early: it runs max_new_tokens steps on every rank and the
@@ -20,29 +22,26 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 import sys
 import time
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from data.answers import check_answer, check_code_many, extract_answer
 from data.config import PROVENANCES
 from data.fileio import atomic_write
-from data.tokenizer import EOD_ID, EOS_ID, PAD_ID, Phi4Tokenizer
+from data.tokenizer import Phi4Tokenizer
 from model.config import ModelConfig
-from model.generate import generate
-from model.transformer import IGNORE_INDEX, Transformer
+from model.transformer import Transformer
 from train.config import ConfigError, WandbConfig, from_dict, load_config, to_dict
+# The tasks live beside this file; their public names are re-exported here (tests and callers use train.eval).
+from train.eval_recall import build_recall_prompt, eval_recall, recall_scores  # noqa: F401
+from train.eval_tasks import (continuation_logprobs, document_nll, eval_generative,  # noqa: F401
+                              eval_multiple_choice, eval_perplexity, generate_texts, generative_prompt,
+                              labelled_nll, mc_prompt, perplexity_documents, read_jsonl)
 
 log = logging.getLogger("eval")
-STOP_IDS = (EOS_ID, EOD_ID)  # <|im_end|> ends a chat turn, <|endoftext|> a plain document
 
 
 @dataclass
@@ -158,373 +157,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> tu
     return model.to(device=device, dtype=dtype).eval(), {"source": str(tag_dir), "step": meta.get("step")}
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: invalid JSON ({e.msg})") from None
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ValueError(f"{path} line {n}: missing key(s) {missing}; expected {list(required)}")
-            rows.append(row)
-    return rows
-
-
-def _shots_and_items(path: str, fewshot_path: str, k: int, limit: int, required) -> tuple[list[dict], list[dict]]:
-    items = read_jsonl(path, required)
-    pool = read_jsonl(fewshot_path) if fewshot_path else items
-    if len(pool) < k:
-        raise ValueError(f"{fewshot_path or path}: {len(pool)} rows, fewer than k_shot={k}")
-    shots = pool[:k]
-    if not fewshot_path:
-        items = items[k:]  # shots drawn from the evaluation file are not scored
-    return shots, items[:limit] if limit else items
-
-
-# ---- log-likelihood scoring -------------------------------------------------------------------------------------
-@torch.no_grad()
-def continuation_logprobs(model: Transformer, requests: list[tuple[list[int], list[int]]], batch_size: int,
-                          device, max_len: int) -> list[tuple[float, int]]:
-    """(sum of log-probs, token count) of each continuation given its context, batched with right padding."""
-    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        rows = []
-        for i in idx:
-            ctx, cont = requests[i]
-            if not cont:
-                raise ValueError("a continuation must have at least one token")
-            seq = (ctx + cont)[-(max_len + 1):]  # keep the continuation; cut the context on the left
-            rows.append((seq, len(cont)))
-        T = max(len(s) for s, _ in rows) - 1
-        ids = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
-        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-        for r, (seq, n_cont) in enumerate(rows):
-            ids[r, :len(seq) - 1] = torch.tensor(seq[:-1])
-            labels[r, len(seq) - 1 - n_cont:len(seq) - 1] = torch.tensor(seq[-n_cont:])
-        nll = labelled_nll(model, ids.to(device), labels.to(device))
-        for r, i in enumerate(idx):
-            out[i] = (-float(nll[r].sum()), rows[r][1])
-    return out
-
-
-def labelled_nll(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token NLL (B, T), 0 off-label, with the LM head applied to the labelled positions only (a multiple-choice
-    continuation is a few tokens of a long prompt: this skips almost all of the V-wide head)."""
-    hidden = model(ids, return_hidden=True)  # (B, T, D)
-    mask = labels != IGNORE_INDEX
-    picked = model.output(hidden[mask][None], labels[mask][None], reduction="none")[0]  # (N,) via the module (ZeRO-3)
-    return torch.zeros(labels.shape, dtype=torch.float32, device=ids.device).masked_scatter(mask, picked.float())
-
-
-def mc_prompt(item: dict, shots: list[dict], fmt: str) -> tuple[str, list[str]]:
-    """(context, one continuation per choice): 'Question: ...\\nAnswer:' + ' <choice>' (text) or ' <letter>'."""
-    def block(row: dict) -> str:
-        if fmt == "letters":
-            options = "".join(f"\n{chr(65 + j)}. {c}" for j, c in enumerate(row["choices"]))
-            return f"Question: {row['question']}{options}\nAnswer:"
-        return f"Question: {row['question']}\nAnswer:"
-
-    def answer(row: dict, j: int) -> str:
-        return f" {chr(65 + j)}" if fmt == "letters" else f" {row['choices'][j]}"
-
-    context = "".join(block(s) + answer(s, int(s["answer"])) + "\n\n" for s in shots) + block(item)
-    return context, [answer(item, j) for j in range(len(item["choices"]))]
-
-
-def eval_multiple_choice(model, tok, task: MultipleChoiceTask, cfg: EvalConfig, device) -> dict:
-    shots, items = _shots_and_items(task.path, task.fewshot_path, task.k_shot, task.limit,
-                                    ("question", "choices", "answer"))
-    requests, owner = [], []
-    for n, item in enumerate(items):
-        context, conts = mc_prompt(item, shots, task.format)
-        ctx_ids = tok.encode(context)
-        requests += [(ctx_ids, tok.encode(c)) for c in conts]
-        owner += [n] * len(conts)
-    scores = continuation_logprobs(model, requests, cfg.batch_size, device, _max_len(model, cfg))
-    per_item: list[list[tuple[float, int]]] = [[] for _ in items]
-    for n, s in zip(owner, scores):
-        per_item[n].append(s)
-    samples, hits = [], {"sum": 0, "mean": 0}
-    for item, sc in zip(items, per_item):
-        pred = {"sum": int(np.argmax([s for s, _ in sc])), "mean": int(np.argmax([s / n for s, n in sc]))}
-        for key in hits:
-            hits[key] += int(pred[key] == int(item["answer"]))
-        samples.append({"id": item.get("id"), "answer": int(item["answer"]), "pred_sum": pred["sum"],
-                        "pred_mean": pred["mean"], "logprob_sum": [s for s, _ in sc], "tokens": [n for _, n in sc]})
-    n = max(len(items), 1)
-    metrics = {"accuracy": hits[task.primary] / n, "acc_sum": hits["sum"] / n, "acc_mean": hits["mean"] / n,
-               "items": len(items), "k_shot": task.k_shot}
-    return {"task": task.name, "kind": "multiple_choice", "metrics": metrics, "samples": samples}
-
-
-# ---- generation -------------------------------------------------------------------------------------------------
-def _is_zero3(model) -> bool:
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
-def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                   cfg: EvalConfig, device, seed_offset: int = 0) -> list[str]:
-    """Completions (decoded, cut before the first stop token) of every prompt, in batches of cfg.batch_size."""
-    uniform = _is_zero3(model)  # same number of decode steps on every rank
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + seed_offset)
-    keep = model.cfg.max_seq_len - max_new_tokens
-    if keep < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-                         f"max_seq_len={model.cfg.max_seq_len}")
-    if any(len(p) > keep for p in prompts):
-        log.warning("%d prompts longer than %d tokens were cut on the left", sum(len(p) > keep for p in prompts), keep)
-        prompts = [p[-keep:] for p in prompts]
-    texts = []
-    for start in range(0, len(prompts), cfg.batch_size):
-        outs = generate(model, prompts[start:start + cfg.batch_size], max_new_tokens, temperature, top_p,
-                        eos_ids=() if uniform else STOP_IDS, generator=generator, return_logprobs=False)
-        for o in outs:
-            ids = o.tokens
-            cut = next((j for j, t in enumerate(ids) if t in STOP_IDS), len(ids))
-            texts.append(tok.decode(ids[:cut]))
-    return texts
-
-
-def _solution(row: dict) -> str:
-    if row.get("solution"):
-        return row["solution"]
-    assistant = [m["content"] for m in row.get("messages", []) if m.get("role") == "assistant"]
-    return assistant[-1] if assistant else f"The answer is {row['answer']}."
-
-
-def _question(row: dict) -> str:
-    if "question" in row:
-        return row["question"]
-    return next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user")
-
-
-def generative_prompt(tok, item: dict, shots: list[dict], style: str) -> list[int]:
-    if style == "chat":
-        messages = []
-        for s in shots:
-            messages += [{"role": "user", "content": _question(s)}, {"role": "assistant", "content": _solution(s)}]
-        own = [m for m in item.get("messages", []) if m["role"] != "assistant"] or \
-            [{"role": "user", "content": item["question"]}]
-        return tok.apply_chat_template(messages + own, add_generation_prompt=True)
-    text = "".join(f"Question: {_question(s)}\nAnswer: {_solution(s)}\n\n" for s in shots)
-    return tok.encode(text + f"Question: {_question(item)}\nAnswer:")
-
-
-def eval_generative(model, tok, task: GenerativeTask, cfg: EvalConfig, device) -> dict:
-    shots, items = _shots_and_items(task.path, task.fewshot_path, task.k_shot, task.limit, ("answer",))
-    prompts = [generative_prompt(tok, item, shots, task.prompt) for item in items]
-    rows = [(n, s) for s in range(task.num_samples) for n in range(len(items))]
-    texts = generate_texts(model, tok, [prompts[n] for n, _ in rows], task.max_new_tokens, task.temperature,
-                           task.top_p, cfg, device)
-    if task.prompt == "plain":  # a base model continues with the next few-shot block: keep the first answer only
-        texts = [t.split("\nQuestion:")[0] for t in texts]
-    correct = [False] * len(rows)
-    code = [j for j, (n, _) in enumerate(rows) if items[n].get("oracle") == "code"]
-    for j, ok in zip(code, check_code_many([texts[j] for j in code], [items[rows[j][0]]["tests"] for j in code])):
-        correct[j] = ok
-    for j, (n, _) in enumerate(rows):
-        if items[n].get("oracle") != "code":
-            correct[j] = check_answer(texts[j], str(items[n]["answer"]))
-    samples = [{"id": items[n].get("id"), "sample": s, "oracle": items[n].get("oracle", "math"),
-                "answer": items[n]["answer"], "completion": texts[j], "extracted": extract_answer(texts[j]),
-                "correct": correct[j]} for j, (n, s) in enumerate(rows)]
-    metrics = {"accuracy": sum(correct) / max(len(rows), 1), "items": len(items), "k_shot": task.k_shot,
-               "samples_per_item": task.num_samples, "temperature": task.temperature,
-               "answer_found": sum(s["extracted"] is not None for s in samples) / max(len(rows), 1)}
-    for oracle in sorted({s["oracle"] for s in samples}):
-        hits = [s["correct"] for s in samples if s["oracle"] == oracle]
-        metrics[f"accuracy_{oracle}"] = sum(hits) / len(hits)
-    return {"task": task.name, "kind": "generative", "metrics": metrics, "samples": samples}
-
-
-# ---- perplexity -------------------------------------------------------------------------------------------------
-def perplexity_documents(src: PerplexitySource, tok) -> tuple[str, list[np.ndarray]]:
-    """(provenance, token arrays each ending with eod) of the documents a source contributes."""
-    path = Path(src.path)
-    if path.is_dir():
-        from data.mixture import held_out_mask
-        from data.shards import ShardedSource
-
-        sharded = ShardedSource(path)
-        if src.provenance and src.provenance != sharded.provenance:
-            raise ConfigError(f"perplexity source {src.name}: provenance {src.provenance!r} but "
-                              f"{path}/manifest.json says {sharded.provenance!r}")
-        provenance = sharded.provenance
-        doc_ids = range(sharded.num_docs)
-        if src.held_out_fraction > 0:
-            doc_ids = np.flatnonzero(held_out_mask(sharded.num_docs, src.held_out_fraction, src.seed)).tolist()
-        docs = (np.asarray(sharded.doc(int(i)), dtype=np.int64) for i in doc_ids)
-    else:
-        if not src.provenance:
-            raise ConfigError(f"perplexity source {src.name}: a jsonl source needs provenance (synthetic|organic)")
-        provenance = src.provenance
-        rows = read_jsonl(path, (src.text_field,))
-        docs = (np.array(tok.encode(r[src.text_field]) + [EOD_ID], dtype=np.int64) for r in rows)
-    out, tokens = [], 0  # tokens = predicted tokens (a document's first is never predicted)
-    for d in docs:
-        if (src.max_docs and len(out) >= src.max_docs) or (src.max_tokens and tokens >= src.max_tokens):
-            break
-        if src.max_tokens:
-            d = d[:src.max_tokens - tokens + 1]  # the last document may be cut to land on the cap
-        if len(d) >= 2:
-            out.append(d)
-            tokens += len(d) - 1
-    return provenance, out
-
-
-@torch.no_grad()
-def document_nll(model, docs: list[np.ndarray], seq_len: int, batch_size: int, device) -> tuple[float, int]:
-    """(summed NLL in nats, predicted tokens) over documents, each scored alone in windows of seq_len inputs
-    (windows overlap by one token, so every token but a document's first is predicted once)."""
-    windows = [d[s:s + seq_len + 1] for d in docs for s in range(0, len(d) - 1, seq_len)]
-    windows.sort(key=len, reverse=True)
-    total, count = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start:start + batch_size]
-        T = len(batch[0]) - 1
-        ids = torch.full((len(batch), T), PAD_ID, dtype=torch.long)
-        labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
-        for r, w in enumerate(batch):
-            ids[r, :len(w) - 1] = torch.from_numpy(w[:-1])
-            labels[r, :len(w) - 1] = torch.from_numpy(w[1:])
-        nll = model(ids.to(device), labels=labels.to(device), reduction="none")
-        total += float(nll.double().sum())
-        count += int((labels != IGNORE_INDEX).sum())
-    return total, count
-
-
-def eval_perplexity(model, tok, sources: list[PerplexitySource], cfg: EvalConfig, device) -> list[dict]:
-    """One record per source, then one per provenance (token-weighted over its sources)."""
-    records, by_prov = [], {}
-    for src in sources:
-        t0 = time.perf_counter()
-        provenance, docs = perplexity_documents(src, tok)
-        nll, n = document_nll(model, docs, _max_len(model, cfg), cfg.batch_size, device)
-        agg = by_prov.setdefault(provenance, [0.0, 0, []])
-        agg[0], agg[1] = agg[0] + nll, agg[1] + n
-        agg[2].append(src.name)
-        records.append({"task": src.name, "kind": "perplexity", "metrics": _ppl(nll, n, len(docs)),
-                        "provenance": provenance, "time_s": time.perf_counter() - t0})
-    for provenance, (nll, n, names) in sorted(by_prov.items()):
-        records.append({"task": provenance, "kind": "perplexity_by_provenance", "metrics": _ppl(nll, n),
-                        "sources": names})
-    return records
-
-
-def _ppl(nll: float, n: int, docs: int | None = None) -> dict:
-    mean = nll / n if n else float("nan")
-    out = {"nll": mean, "perplexity": math.exp(mean) if n else float("nan"), "tokens": n}
-    return {**out, "documents": docs} if docs is not None else out
-
-
-# ---- long-context recall ----------------------------------------------------------------------------------------
-RECALL_HEADER = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{\n"
-
-
-def _uuid(rng: random.Random) -> str:
-    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-
-
-def build_recall_prompt(tok, target_tokens: int, seed: int, chat: bool = False) -> dict:
-    """A JSON key-value recall prompt of exactly `target_tokens` tokens (chat template included when `chat`).
-
-    Pieces are cut where the cl100k pre-tokeniser splits anyway (a pair line starts with ' "' and ends with '",\\n'),
-    so the ids are the text's own tokenisation. Pairs are added until the next would not fit; the last pair's value
-    is a run of 3-digit groups (one token each), sized to land exactly on the target. The queried pair sits at a
-    random depth; its key appears once in the object."""
-    rng = random.Random(f"json-kv:{seed}:{target_tokens}")
-    chat_open = tok.apply_chat_template([{"role": "user", "content": ""}])[:-1] if chat else []  # up to <|im_sep|>
-    chat_close = tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True)[
-        len(chat_open):] if chat else []
-    head = chat_open + tok.encode(RECALL_HEADER)
-
-    def pair(k: str, v: str, last: bool) -> list[int]:
-        return tok.encode(f' "{k}": "{v}"' + ("\n" if last else ",\n"))
-
-    def tail(k: str) -> list[int]:
-        return tok.encode(f'}}\n\nKey: "{k}"\nCorresponding value:') + chat_close
-
-    query, value = _uuid(rng), _uuid(rng)
-    pairs = [(query, value)]
-    budget = target_tokens - len(head) - len(tail(query))
-    used = len(pair(query, value, False))
-    pad_key = _uuid(rng)
-    pad_base = len(pair(pad_key, "100", True)) - 1  # the padding pair without its value's digit groups
-    while True:
-        k, v = _uuid(rng), _uuid(rng)
-        cost = len(pair(k, v, False))
-        if used + cost + pad_base + 1 > budget:  # always leave room for the padding pair
-            break
-        pairs.append((k, v))
-        used += cost
-    if used + pad_base + 1 > budget:
-        raise ValueError(f"recall probe: {target_tokens} tokens is too short for a JSON object (header, question "
-                         f"and two pairs take {target_tokens - budget + used + pad_base + 1})")
-    pos = rng.randrange(len(pairs))  # depth of the queried pair in the object
-    pairs.insert(pos, pairs.pop(0))
-    body = [pair(k, v, False) for k, v in pairs]
-    groups = budget - used - pad_base  # >= 1: 3-digit groups, one token each
-    body.append(pair(pad_key, "".join(str(rng.randrange(100, 1000)) for _ in range(groups)), True))
-    ids = head + [t for piece in body for t in piece] + tail(query)
-    if len(ids) != target_tokens:
-        raise AssertionError(f"recall probe built {len(ids)} tokens, expected {target_tokens}")
-    return {"ids": ids, "key": query, "value": value, "position": pos, "pairs": len(pairs) + 1}
-
-
-def recall_scores(completion: str, value: str) -> dict:
-    """exact: the completion's first quoted/bare string equals the value; substring: the value appears in it."""
-    words = completion.strip().lstrip('"').split('"')[0].split()
-    first = words[0] if words else ""
-    return {"exact_match": float(first == value), "substring_match": float(value in completion)}
-
-
-def eval_recall(model, tok, probe: RecallProbe, cfg: EvalConfig, device) -> dict:
-    context = model.cfg.max_seq_len
-    per_length, samples = {}, []
-    for length in probe.lengths:
-        probes = [build_recall_prompt(tok, length, probe.seed * 1_000_003 + i, probe.prompt == "chat")
-                  for i in range(probe.samples)]
-        max_new = max(len(tok.encode(f' "{p["value"]}"')) for p in probes) + 4
-        if length + max_new > context and not probe.allow_beyond_context:
-            per_length[f"len_{length}"] = {"skipped": f"beyond the model's max_seq_len={context}"}
-            continue
-        with _context_at_least(model, length + max_new):
-            texts = generate_texts(model, tok, [p["ids"] for p in probes], max_new, 0.0, 1.0, cfg, device)
-        scores = [recall_scores(t, p["value"]) for t, p in zip(texts, probes)]
-        per_length[f"len_{length}"] = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
-        samples += [{"length": length, "key": p["key"], "value": p["value"], "position": p["position"],
-                     "pairs": p["pairs"], "completion": t, **s} for p, t, s in zip(probes, texts, scores)]
-    metrics = {f"{name}/{k}": v for name, m in per_length.items() for k, v in m.items() if k != "skipped"}
-    done = [m for m in per_length.values() if "skipped" not in m]
-    if done:
-        metrics["mean/substring_match"] = sum(m["substring_match"] for m in done) / len(done)
-    skipped = {name: m["skipped"] for name, m in per_length.items() if "skipped" in m}
-    return {"task": "json_kv", "kind": "recall", "metrics": metrics, "skipped": skipped, "samples": samples}
-
-
-@contextmanager
-def _context_at_least(model, n: int):
-    """Temporarily raise cfg.max_seq_len (a guard in generate; RoPE itself has no length limit)."""
-    old = model.cfg.max_seq_len
-    model.cfg.max_seq_len = max(old, n)
-    try:
-        yield
-    finally:
-        model.cfg.max_seq_len = old
-
-
 # ---- running ----------------------------------------------------------------------------------------------------
-def _max_len(model, cfg: EvalConfig) -> int:
-    return cfg.seq_len or model.cfg.max_seq_len
-
-
 KIND_PREFIX = {"multiple_choice": "mc", "generative": "gen", "perplexity": "ppl",
                "perplexity_by_provenance": "ppl_by_provenance", "recall": "recall"}
 

@@ -68,11 +68,11 @@ def _fmt(v, digits=4) -> str:
 
 def _eval_scores(stage_dir: Path) -> dict:
     scores = {}
-    for r in _read_jsonl(stage_dir / "results.jsonl"):
-        task = r.get("task") or r.get("name") or "?"
-        for key in ("accuracy", "perplexity", "score"):
-            if isinstance(r.get(key), (int, float)):
-                scores[f"{task}/{key}"] = r[key]
+    for r in _read_jsonl(stage_dir / "results.jsonl"):  # one record per task (train/eval.py)
+        metrics = r.get("metrics", {})
+        for key in ("accuracy", "perplexity", "exact_match"):
+            if isinstance(metrics.get(key), (int, float)):
+                scores[f"{r.get('task', '?')}/{key}"] = metrics[key]
     return scores
 
 

@@ -1,0 +1,110 @@
+"""Long-context JSON key-value recall (HELMET's recall task): a JSON object of random UUID pairs filling exactly the
+target length in tokens, then the value of one key; scored by exact match and substring match (SubEM).
+"""
+from __future__ import annotations
+
+import random
+import uuid
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from train.eval_tasks import generate_texts
+
+if TYPE_CHECKING:  # annotations only: train.eval imports this module
+    from train.eval import EvalConfig, RecallProbe
+
+
+# ---- long-context recall ----------------------------------------------------------------------------------------
+RECALL_HEADER = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{\n"
+
+
+def _uuid(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def build_recall_prompt(tok, target_tokens: int, seed: int, chat: bool = False) -> dict:
+    """A JSON key-value recall prompt of exactly `target_tokens` tokens (chat template included when `chat`).
+
+    Pieces are cut where the cl100k pre-tokeniser splits anyway (a pair line starts with ' "' and ends with '",\\n'),
+    so the ids are the text's own tokenisation. Pairs are added until the next would not fit; the last pair's value
+    is a run of 3-digit groups (one token each), sized to land exactly on the target. The queried pair sits at a
+    random depth; its key appears once in the object."""
+    rng = random.Random(f"json-kv:{seed}:{target_tokens}")
+    chat_open = tok.apply_chat_template([{"role": "user", "content": ""}])[:-1] if chat else []  # up to <|im_sep|>
+    chat_close = tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True)[
+        len(chat_open):] if chat else []
+    head = chat_open + tok.encode(RECALL_HEADER)
+
+    def pair(k: str, v: str, last: bool) -> list[int]:
+        return tok.encode(f' "{k}": "{v}"' + ("\n" if last else ",\n"))
+
+    def tail(k: str) -> list[int]:
+        return tok.encode(f'}}\n\nKey: "{k}"\nCorresponding value:') + chat_close
+
+    query, value = _uuid(rng), _uuid(rng)
+    pairs = [(query, value)]
+    budget = target_tokens - len(head) - len(tail(query))
+    used = len(pair(query, value, False))
+    pad_key = _uuid(rng)
+    pad_base = len(pair(pad_key, "100", True)) - 1  # the padding pair without its value's digit groups
+    while True:
+        k, v = _uuid(rng), _uuid(rng)
+        cost = len(pair(k, v, False))
+        if used + cost + pad_base + 1 > budget:  # always leave room for the padding pair
+            break
+        pairs.append((k, v))
+        used += cost
+    if used + pad_base + 1 > budget:
+        raise ValueError(f"recall probe: {target_tokens} tokens is too short for a JSON object (header, question "
+                         f"and two pairs take {target_tokens - budget + used + pad_base + 1})")
+    pos = rng.randrange(len(pairs))  # depth of the queried pair in the object
+    pairs.insert(pos, pairs.pop(0))
+    body = [pair(k, v, False) for k, v in pairs]
+    groups = budget - used - pad_base  # >= 1: 3-digit groups, one token each
+    body.append(pair(pad_key, "".join(str(rng.randrange(100, 1000)) for _ in range(groups)), True))
+    ids = head + [t for piece in body for t in piece] + tail(query)
+    if len(ids) != target_tokens:
+        raise AssertionError(f"recall probe built {len(ids)} tokens, expected {target_tokens}")
+    return {"ids": ids, "key": query, "value": value, "position": pos, "pairs": len(pairs) + 1}
+
+
+def recall_scores(completion: str, value: str) -> dict:
+    """exact: the completion's first quoted/bare string equals the value; substring: the value appears in it."""
+    words = completion.strip().lstrip('"').split('"')[0].split()
+    first = words[0] if words else ""
+    return {"exact_match": float(first == value), "substring_match": float(value in completion)}
+
+
+def eval_recall(model, tok, probe: RecallProbe, cfg: EvalConfig, device) -> dict:
+    context = model.cfg.max_seq_len
+    per_length, samples = {}, []
+    for length in probe.lengths:
+        probes = [build_recall_prompt(tok, length, probe.seed * 1_000_003 + i, probe.prompt == "chat")
+                  for i in range(probe.samples)]
+        max_new = max(len(tok.encode(f' "{p["value"]}"')) for p in probes) + 4
+        if length + max_new > context and not probe.allow_beyond_context:
+            per_length[f"len_{length}"] = {"skipped": f"beyond the model's max_seq_len={context}"}
+            continue
+        with _context_at_least(model, length + max_new):
+            texts = generate_texts(model, tok, [p["ids"] for p in probes], max_new, 0.0, 1.0, cfg, device)
+        scores = [recall_scores(t, p["value"]) for t, p in zip(texts, probes)]
+        per_length[f"len_{length}"] = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
+        samples += [{"length": length, "key": p["key"], "value": p["value"], "position": p["position"],
+                     "pairs": p["pairs"], "completion": t, **s} for p, t, s in zip(probes, texts, scores)]
+    metrics = {f"{name}/{k}": v for name, m in per_length.items() for k, v in m.items() if k != "skipped"}
+    done = [m for m in per_length.values() if "skipped" not in m]
+    if done:
+        metrics["mean/substring_match"] = sum(m["substring_match"] for m in done) / len(done)
+    skipped = {name: m["skipped"] for name, m in per_length.items() if "skipped" in m}
+    return {"task": "json_kv", "kind": "recall", "metrics": metrics, "skipped": skipped, "samples": samples}
+
+
+@contextmanager
+def _context_at_least(model, n: int):
+    """Temporarily raise cfg.max_seq_len (a guard in generate; RoPE itself has no length limit)."""
+    old = model.cfg.max_seq_len
+    model.cfg.max_seq_len = max(old, n)
+    try:
+        yield
+    finally:
+        model.cfg.max_seq_len = old
