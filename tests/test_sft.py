@@ -235,7 +235,8 @@ def test_sft_run_learns_and_evaluates(tmp_path):
     run_dir = tmp_path / "sft"
     overrides = [f"data.sft_path={tmp_path / 'raw' / 'sft.jsonl'}", "train.init_from=''", f"output_dir={run_dir}",
                  *(f"model.{k}={v}" for k, v in TEST_MODEL.items() if k != "preset"), "train.seq_len=256",
-                 "train.global_batch=4", "train.max_steps=6", "train.save_every=3", "train.eval_every=3",
+                 "train.global_batch=4", "train.micro_batch=1", "train.max_steps=6", "train.save_every=3",
+                 "train.eval_every=3",
                  "optim.lr=3e-3", "logging.wandb.mode=disabled", "deepspeed.zero_stage=0"]
     check(run_train("configs/smoke/sft.yaml", overrides))
     losses = train_losses(run_dir)

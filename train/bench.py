@@ -221,7 +221,8 @@ def memory_child(which: str, batch: int, seq_len: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     ours = which == "ours"  # "ours_plain": no checkpointing and full fp32 logits, to show what the switches save
-    model = Transformer(tiny_config(seq_len, activation_checkpointing=ours, loss_chunk_tokens=1024 if ours else 0))
+    chunk = ModelConfig.loss_chunk_tokens if ours else 0
+    model = Transformer(tiny_config(seq_len, activation_checkpointing=ours, loss_chunk_tokens=chunk))
     if which == "hf":
         model = hf_twin(model)  # our copy is dropped here: only HF's weights stay resident
     model.train()
@@ -372,8 +373,9 @@ def summary(res: dict) -> str:
     if "memory" in res:
         r = res["memory"]
         g = {k: r[k]["step_growth_bytes"] / 2**20 for k in ("ours", "ours_plain", "hf")}
-        lines.append(f"memory ({r['batch']}x{r['seq_len']} tokens, peak RSS growth of a step): ours {g['ours']:,.0f} MiB, "
-                     f"ours without AC and fused loss {g['ours_plain']:,.0f} MiB, HF {g['hf']:,.0f} MiB, ratio "
+        lines.append(f"memory ({r['batch']}x{r['seq_len']} tokens, peak RSS growth of a step): "
+                     f"ours {g['ours']:,.0f} MiB, ours without AC and fused loss {g['ours_plain']:,.0f} MiB, "
+                     f"HF {g['hf']:,.0f} MiB, ratio "
                      f"{r['ratio']:.2f} ({verdict(r['ratio'] <= TARGETS['memory'])}, <= 0.5); whole-process peak "
                      f"ratio {r['ratio_total_peak']:.2f}")
     if "tokenize" in res:
@@ -387,7 +389,8 @@ def summary(res: dict) -> str:
             worst = max(r.get("wait_fraction_tiny_cpu", 0.0), r["wait_fraction_14b_h100"])
             tiny = (f", {100 * r['wait_fraction_tiny_cpu']:.3f}% of the tiny CPU step"
                     if "wait_fraction_tiny_cpu" in r else "")
-            lines.append(f"loader {seq_len}: {r['batches_per_s']:,.0f} batches/s ({r['tokens_per_s'] / 1e6:.1f} M tok/s); "
+            lines.append(f"loader {seq_len}: {r['batches_per_s']:,.0f} batches/s "
+                         f"({r['tokens_per_s'] / 1e6:.1f} M tok/s); "
                          f"data wait {100 * r['wait_fraction_14b_h100']:.3f}% of a 14B H100 step{tiny} "
                          f"({verdict(worst < TARGETS['loader'])}, < 1%)")
     if "mfu" in res:

@@ -186,7 +186,9 @@ def build_engine(cfg: RunConfig, model: Transformer, ds_config: dict):
     import deepspeed
 
     o = cfg.optim
-    optimizer = SkipNonFiniteAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    # fused: one kernel for all parameters (CPU and CUDA), not torch's per-tensor loop.
+    optimizer = SkipNonFiniteAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                   fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
