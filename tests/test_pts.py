@@ -302,7 +302,9 @@ def test_real_run_writes_pairs_the_dpo_loader_reads_and_resumes(real_run_inputs)
 @pytest.mark.parametrize("name", ["smoke", "phi4-14b"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO_ROOT / "configs" / name / "pts.yaml", schema=PTSConfig)
-    assert cfg.p_gap == 0.2 and (cfg.p_low, cfg.p_high) == (0.2, 0.8) and cfg.temperature == 1.0
+    assert cfg.p_gap == 0.2 and (cfg.p_low, cfg.p_high) == (0.2, 0.8)
+    # the paper's sampler runs at 1.0; the smoke's tiny model samples sharper (0.5) or it only emits noise
+    assert cfg.temperature == (1.0 if name == "phi4-14b" else 0.5)
     assert 100265 in cfg.eos_ids
 
 

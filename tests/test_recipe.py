@@ -28,8 +28,9 @@ def test_every_training_stage_lowers_its_loss(smoke_run):
     for stage in TRAIN_STAGES:
         losses = train_losses(out / stage)
         steps = sorted(losses)
-        first = sum(losses[s] for s in steps[:3]) / 3
-        last = sum(losses[s] for s in steps[-3:]) / 3
+        third = max(1, len(steps) // 3)  # means over thirds: batches of different sources differ in loss
+        first = sum(losses[s] for s in steps[:third]) / third
+        last = sum(losses[s] for s in steps[-third:]) / third
         assert last < first, (stage, losses)
 
 
