@@ -67,9 +67,10 @@ def test_pretraining_lowers_loss_and_logs(reference):
     assert exit_status(reference)["status"] == "completed"
 
 
-@pytest.mark.parametrize("zero", [1, 2])
-def test_zero_stages_match_zero0(work, reference, zero):
-    run_dir = _run(work, f"z{zero}", zero=zero)[0]
+@pytest.mark.parametrize("zero,offload", [(1, False), (2, False), (2, True)])
+def test_zero_stages_match_zero0(work, reference, zero, offload):
+    overrides = ["deepspeed.offload_optimizer=true"] if offload else []  # optimizer states in CPU memory
+    run_dir = _run(work, f"z{zero}{'_offload' if offload else ''}", zero=zero, overrides=overrides)[0]
     ref, got = train_losses(reference), train_losses(run_dir)
     assert got.keys() == ref.keys()
     for step in ref:
