@@ -113,3 +113,16 @@ def test_derived_values_and_overrides(tmp_path):
 def test_list_entries_can_be_overridden():
     cfg = load_config(REPO_ROOT / "configs/smoke/pretrain.yaml", ["data.sources.1.weight=0.5"])
     assert cfg.data.sources[1].weight == 0.5
+
+
+def test_smoke_configs_follow_the_recipe_directory(monkeypatch):
+    """Every path of a smoke config moves with the recipe's output_dir (PHI4_RECIPE_DIR), so two smoke runs in
+    different directories never read each other's data."""
+    import dataclasses
+    import json
+
+    monkeypatch.setenv("PHI4_RECIPE_DIR", "/elsewhere/recipe")
+    for path in sorted((REPO_ROOT / "configs" / "smoke").glob("*.yaml")):
+        text = json.dumps(dataclasses.asdict(load_config(path, schema=schema_for(path))))
+        assert "runs/smoke" not in text, f"{path.name} has a path that ignores PHI4_RECIPE_DIR"
+        assert "/elsewhere/recipe" in text, path.name
