@@ -38,6 +38,7 @@ import torch
 from data.fileio import atomic_write
 from model.config import ModelConfig
 from model.transformer import Transformer
+from train.metrics import gemm_rate
 
 BENCHES = ("step", "memory", "tokenize", "loader", "mfu")
 # Phi-4 ratios at toy size (perf-reliability.md A5): head_dim 32, 4 query heads per KV head, FFN 3.5 d, full vocab.
@@ -319,19 +320,6 @@ def bench_loader(args, step: dict | None) -> dict:
 
 
 # ---- 5. MFU on CPU --------------------------------------------------------------------------------------------
-
-def gemm_rate(n: int, onednn: bool, repeats: int = 3) -> float:
-    """Best fp32 FLOP/s of an n x n x n matmul, through the default BLAS or oneDNN."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    mm = (lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")) if onednn else (lambda: a @ b)
-    mm()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mm()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
 
 def bench_mfu(args, step: dict) -> dict:
     from model.loss import onednn_available
