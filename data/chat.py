@@ -32,13 +32,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from data.fileio import atomic_path, atomic_write
+from data.fileio import atomic_path, atomic_write, sha256_file
 from data.mixture import held_out_mask
+from data.tokenizer import PAD_ID  # <|dummy_85|>, never eos (spec section 10 item 2)
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-PAD_ID = 100_349  # <|dummy_85|>, never eos (spec section 10 item 2)
 PACK_BLOCK = 256  # conversations packed together before their rows are shuffled
 STATE_FORMAT = 1
 EPOCHS_CACHED = 2
@@ -66,14 +66,6 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 raise ChatDataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
             yield line_no, obj
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cached_arrays(cache_dir: str | Path | None, key: dict, build) -> tuple[dict[str, np.ndarray], dict]:
@@ -239,7 +231,7 @@ class ChatBatches:
         self.micro_batch, self.global_batch, self.rank, self.world_size = micro_batch, global_batch, rank, world_size
         if not self.path.is_file():
             raise ChatDataError(f"{path}: file not found")
-        sha256 = file_sha256(path)
+        sha256 = sha256_file(path)
         key = {"format": STATE_FORMAT, "kind": "sft", "sha256": sha256, "tokenizer": tokenizer.fingerprint}
         data, _ = cached_arrays(token_cache, key, lambda: (load_conversations(path, tokenizer), {}))
         self.tokens, self.mask, self.offsets = data["tokens"], data["mask"], data["offsets"]

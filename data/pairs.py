@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.chat import (ChatDataError, best_fit_rows, cached_arrays, check_layout, file_sha256, pack_segments,
+from data.chat import (ChatDataError, best_fit_rows, cached_arrays, check_layout, pack_segments,
                        read_jsonl, sample_index, samples_consumed, segment_arrays)
+from data.fileio import sha256_file
 from data.mixture import held_out_mask
+from data.tokenizer import EOS_ID, VOCAB_SIZE  # EOS <|im_end|> ends a text completion
 
 log = logging.getLogger(__name__)
 
-VOCAB_SIZE = 100_352
-EOS_ID = 100_265  # <|im_end|> ends a text completion
 STATE_FORMAT = 1
 PAIRS_FORMAT = 1  # bump when the rendering rules below change (it keys the reference cache)
 ORDER_SALT = 0xD90
@@ -111,7 +111,7 @@ class PairBatches:
         if tokenizer is None:
             from data.tokenizer import Phi4Tokenizer
             tokenizer = Phi4Tokenizer()
-        sha256 = file_sha256(path)
+        sha256 = sha256_file(path)
         key = {"format": PAIRS_FORMAT, "kind": "dpo", "sha256": sha256, "tokenizer": tokenizer.fingerprint,
                "template": _template_fingerprint()}
         data, meta = cached_arrays(token_cache, key, lambda: load_pairs(path, tokenizer))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from data.config import PROVENANCES
-from data.fileio import atomic_path, atomic_write, fsync_dir
+from data.fileio import atomic_path, atomic_write, fsync_dir, sha256_file
 
 FORMAT = 1
 DTYPE = "uint32"
@@ -42,14 +42,6 @@ class ShardError(RuntimeError):
 
 def shard_names(i: int) -> tuple[str, str]:
     return f"shard_{i:05d}.bin", f"shard_{i:05d}.idx"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_json(path: Path) -> dict:
@@ -75,7 +67,7 @@ def check_shard_files(directory: Path, entry: dict, verify: str) -> None:
             raise ShardError(f"{path}: size {size} bytes disagrees with the manifest ({unit * count} bytes expected); "
                              f"the shard is truncated or corrupt: prepare this source again")
         if verify == "checksum":
-            digest = sha256_file(path)
+            digest = sha256_file(path, HASH_CHUNK_BYTES)
             if digest != entry[f"{kind}_sha256"]:
                 raise ShardError(f"{path}: sha256 {digest} disagrees with the manifest ({entry[f'{kind}_sha256']}); "
                                  f"the shard is corrupt: prepare this source again")

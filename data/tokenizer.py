@@ -17,7 +17,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from data.fileio import fsync_dir
+from data.fileio import fsync_dir, sha256_file
 
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
 NUM_BPE_RANKS = 100_256  # cl100k ranks 0..100255
@@ -72,19 +72,11 @@ def default_bpe_path() -> Path:
     return Path(spec.origin).parent / "data" / "cl100k_base.tiktoken"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_bpe_ranks(path: Path, expected_sha256: str | None) -> tuple[dict[bytes, int], str]:
     """Ranks of a .tiktoken file and its sha256; a clear error naming the file when it is missing or corrupt."""
     if not path.is_file():
         raise FileNotFoundError(f"BPE file {path} does not exist (expected a tiktoken .tiktoken rank file)")
-    sha = _sha256_file(path)
+    sha = sha256_file(path)
     if expected_sha256 is not None and sha != expected_sha256:
         raise ValueError(
             f"BPE file {path} is corrupted: sha256 {sha}, expected {expected_sha256} (cl100k_base.tiktoken); "

@@ -14,7 +14,6 @@ Files hold tensors, strings and ints only and are read with torch.load(weights_o
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -26,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.fileio import atomic_path
+from data.fileio import atomic_path, sha256_file
 from train.checkpoint import resolve_checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -95,20 +94,16 @@ def step_metrics(extras: dict, n_pairs: float) -> dict:
 
 
 # ---- the cache key ---------------------------------------------------------------------------------------
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def reference_identity(init_from: str) -> dict:
     """What identifies the reference weights: a checkpoint's meta.json hash and its files' names, sizes, mtimes."""
     path = Path(init_from)
     if (path / "config.json").is_file():  # a Hugging Face directory
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
-        kind, meta_sha = "hf", _sha256_file(path / "config.json")
+        kind, meta_sha = "hf", sha256_file(path / "config.json")
     else:
         path, _ = resolve_checkpoint_dir(path)
         files = sorted(p for p in path.rglob("*") if p.is_file())
-        kind, meta_sha = "checkpoint", _sha256_file(path / "meta.json")
+        kind, meta_sha = "checkpoint", sha256_file(path / "meta.json")
     return {"kind": kind, "name": path.name, "meta_sha256": meta_sha,
             "files": [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data.tokenizer import PAD_ID  # <|dummy_85|>: never produced from text, so it only marks padding
 from train.config import ConfigError, RunConfig, load_config
 
 IGNORE_INDEX = -100
-PAD_ID = 100349  # <|dummy_85|>: never produced from text, so it only marks padding
 LM_STAGES = ("pretrain", "midtrain")
 
 
