@@ -75,6 +75,7 @@ class KVCache:
 
 
 _FLASH = None  # resolved lazily: the flash-attn module, or False when unavailable
+_TORCH_VARLEN = None  # resolved lazily: torch.nn.attention.varlen.varlen_attn, or False when this torch lacks it
 
 
 def _flash_attn():
@@ -85,8 +86,29 @@ def _flash_attn():
             _FLASH = flash_attn
         except ImportError:
             _FLASH = False
-            log.warning("attn_backend=flash but flash-attn is not installed: falling back to PyTorch SDPA")
+            log.warning("attn_backend=flash but flash-attn is not installed: packed documents use PyTorch's own "
+                        "varlen flash kernel where this torch has one, otherwise falling back to PyTorch SDPA")
     return _FLASH
+
+
+def _torch_varlen():
+    """PyTorch's built-in varlen flash attention (CUDA only), so packed documents need no T x T mask on a GPU
+    without the flash-attn package."""
+    global _TORCH_VARLEN
+    if _TORCH_VARLEN is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+            _TORCH_VARLEN = varlen_attn
+        except ImportError:
+            _TORCH_VARLEN = False
+    return _TORCH_VARLEN
+
+
+def varlen_kernel_available(device: torch.device | str, backend: str) -> bool:
+    """Whether packed-document attention on this device runs a varlen kernel (no dense mask needed)."""
+    if backend != "flash" or torch.device(device).type != "cuda":
+        return False
+    return bool(_flash_attn()) or bool(_torch_varlen())
 
 
 class Attention(nn.Module):
@@ -109,14 +131,31 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
 
-        flash = _flash_attn() if (self.backend == "flash" and x.is_cuda and kv_cache is None) else False
+        fast = self.backend == "flash" and x.is_cuda and kv_cache is None
+        flash = _flash_attn() if fast else False
+        varlen = _torch_varlen() if fast and not flash and ctx.cu_seqlens is not None else False
         if flash:
             out = self._flash(flash, q, k, v, ctx)  # (B, T, H, hd)
+        elif varlen:
+            out = self._torch_varlen(varlen, q, k, v, ctx)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=ctx.sdpa_mask, is_causal=ctx.sdpa_mask is None, enable_gqa=True,
-            ).transpose(1, 2)
+            out = self._sdpa(q, k, v, ctx)
         return self.wo(out.reshape(B, T, q_size))
+
+    @staticmethod
+    def _sdpa(q, k, v, ctx: AttnContext):
+        """(B, T, H, hd) from SDPA. With an explicit mask, K/V are repeated to every query head: PyTorch's fused
+        CUDA kernels refuse `enable_gqa` together with a mask and fall back to the math kernel, which holds
+        B x H x T x S fp32 scores (40 GB per 16K row at Phi-4's 40 heads). On CPU both cost the same."""
+        mask = ctx.sdpa_mask
+        if mask is None and ctx.cu_seqlens is not None:
+            raise RuntimeError("packed documents reached SDPA without their block-diagonal mask")
+        if mask is not None and k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2)
 
     @staticmethod
     def _flash(flash, q, k, v, ctx: AttnContext):
@@ -129,6 +168,16 @@ class Attention(nn.Module):
             *flat, cu_seqlens_q=ctx.cu_seqlens, cu_seqlens_k=ctx.cu_seqlens,
             max_seqlen_q=ctx.max_seqlen, max_seqlen_k=ctx.max_seqlen, causal=True,
         )
+        return out.view(B, T, H, hd)
+
+    @staticmethod
+    def _torch_varlen(varlen_attn, q, k, v, ctx: AttnContext):
+        """Packed documents through torch.nn.attention.varlen: (total, heads, hd) layouts, causal as window
+        (-1, 0), GQA native."""
+        B, H, T, hd = q.shape
+        flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], hd) for t in (q, k, v)]
+        out = varlen_attn(*flat, ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
+                          window_size=(-1, 0), enable_gqa=H != k.shape[1])
         return out.view(B, T, H, hd)
 
 
@@ -235,11 +284,13 @@ class Transformer(nn.Module):
             return AttnContext(None, 0, mask.expand(B, 1, T, past + T))
         if cu_seqlens is None or not self.cfg.doc_masking:
             return AttnContext(None, T, None)
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if varlen_kernel_available(device, self.cfg.attn_backend):
+            return AttnContext(cu_seqlens.to(torch.int32), int(max_seqlen), None)  # no T x T mask on the GPU
         doc = doc_ids_from_cu_seqlens(cu_seqlens, B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         sdpa_mask = (doc[:, :, None] == doc[:, None, :]) & causal  # (B, T, T) block-diagonal causal
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return AttnContext(cu_seqlens.to(torch.int32), int(max_seqlen), sdpa_mask[:, None])
 
     def forward(

@@ -161,7 +161,8 @@ def test_gpu_arguments():
     args = bench_gpu.parse_args([])
     assert args.models == ["1b", "proxy14b"] and args.seqs == [4096, 16384] and args.ac == ["off", "on"]
     assert args.dtype == "bf16" and args.attn == "flash"
-    for bad in (["--steps", "0"], ["--ac", "maybe"], ["--seqs", "1"]):
+    assert args.doc_len == [0]
+    for bad in (["--steps", "0"], ["--ac", "maybe"], ["--seqs", "1"], ["--doc-len", "-1"]):
         with pytest.raises(SystemExit):
             bench_gpu.parse_args(bad)
 
@@ -172,16 +173,34 @@ def test_gpu_loop_runs_on_cpu_and_prints_one_table(tmp_path, capsys):
     model_yaml.write_text("vocab_size: 512\ndim: 64\nn_layers: 2\nn_heads: 4\nn_kv_heads: 2\nffn_dim: 160\n")
     out = tmp_path / "gpu.json"
     assert bench_gpu.main(["--device", "cpu", "--models", str(model_yaml), "--seqs", "32", "--steps", "2",
-                           "--warmup", "1", "--tokens-per-step", "64", "--peak-tflops", "1", "--json", str(out)]) == 0
+                           "--warmup", "1", "--tokens-per-step", "64", "--peak-tflops", "1", "--doc-len", "0", "8",
+                           "--json", str(out)]) == 0
     table = capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["model"], r["seq_len"], r["micro_batch"], r["ac"], r["status"]) for r in rows] == [
-        ("toy", 32, 2, False, "ok"), ("toy", 32, 2, True, "ok")]
+    assert [(r["model"], r["seq_len"], r["doc_len"], r["micro_batch"], r["ac"], r["status"], r["attn"])
+            for r in rows] == [("toy", 32, 0, 2, False, "ok", "sdpa"), ("toy", 32, 0, 2, True, "ok", "sdpa"),
+                               ("toy", 32, 8, 2, False, "ok", "sdpa"), ("toy", 32, 8, 2, True, "ok", "sdpa")]
     for r in rows:
         assert r["tflops"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / 1e12)
         assert r["mfu"] == pytest.approx(r["tflops"] / 1.0)
         assert 5.0 < r["loss"] < 7.0  # ln 512 = 6.24 after two tiny steps
-    assert table.count("device: cpu") == 1 and table.count("toy") == 2
+    assert table.count("device: cpu") == 1 and table.count("toy") == 4
+
+
+def test_gpu_packed_rows_use_document_boundaries(monkeypatch):
+    cu, longest = bench_gpu.packed_cu_seqlens(2, 10, 4, torch.device("cpu"))
+    assert cu.tolist() == [0, 4, 8, 10, 14, 18, 20] and cu.dtype == torch.int32 and longest == 4
+    assert bench_gpu.model_config("proxy14b", 4096, 4096).doc_masking is False  # one document fills the row
+    assert bench_gpu.model_config("proxy14b", 4096, 1024).doc_masking is True
+    # The kernel named in the table follows the model's own choice.
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(bench_gpu, "flash_available", lambda: False)
+    monkeypatch.setattr(bench_gpu.transformer_module, "_TORCH_VARLEN", lambda *a, **k: None)
+    assert [bench_gpu.attn_kernel("flash", cuda, True), bench_gpu.attn_kernel("flash", cuda, False),
+            bench_gpu.attn_kernel("sdpa", cuda, True), bench_gpu.attn_kernel("flash", cpu, True)] == [
+        "varlen", "sdpa", "sdpa", "sdpa"]
+    monkeypatch.setattr(bench_gpu, "flash_available", lambda: True)
+    assert bench_gpu.attn_kernel("flash", cuda, False) == "flash"
 
 
 def test_gpu_table_marks_targets_and_failed_rows():
@@ -195,6 +214,8 @@ def test_gpu_table_marks_targets_and_failed_rows():
     lines = table.splitlines()
     assert ">= 45%: met" in lines[3] and ">= 40%: NOT MET" in lines[4] and "OOM" in lines[5]
     assert ">= 45%" not in bench_gpu.format_table(rows[:1], "NVIDIA A100", 312e12)  # H100 targets only
+    packed = bench_gpu.format_table([{**rows[0], "doc_len": 1024}], "NVIDIA H100 80GB HBM3", 989e12)
+    assert ">= 45%" not in packed and " 1024 " in packed.splitlines()[3]  # targets are for unpacked rows
 
 
 def test_gpu_script_refuses_to_run_without_a_gpu(capsys):

@@ -159,6 +159,75 @@ def test_flash_varlen_path_matches_sdpa_with_test_double():
                                    q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
+def torch_varlen_test_double(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size, enable_gqa):
+    """A test double for torch.nn.attention.varlen.varlen_attn (CUDA only), with its signature, written with SDPA
+    one document at a time, to check our call: (total, heads, hd) layouts, causal window, GQA."""
+    assert window_size == (-1, 0) and cu_seq_q is cu_seq_k and max_q == max_k
+    assert cu_seq_q.dtype == torch.int32 and max_q == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
+    outs = []
+    for s, e in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()):
+        qd, kd, vd = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=enable_gqa)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_torch_varlen_path_matches_sdpa_with_test_double():
+    """Packed documents on a GPU without flash-attn go through PyTorch's varlen kernel; our call must equal the
+    block-diagonal SDPA path."""
+    model = _model(attn_backend="flash")
+    cu = torch.tensor([0, 3, 16, 20, 32], dtype=torch.int32)
+    ctx = model._attn_context(2, 16, torch.device("cpu"), cu, None, None, None)
+    q, k, v = torch.randn(2, 4, 16, 16), torch.randn(2, 2, 16, 16), torch.randn(2, 2, 16, 16)
+    via_varlen = transformer_module.Attention._torch_varlen(torch_varlen_test_double, q, k, v, ctx)
+    torch.testing.assert_close(via_varlen, transformer_module.Attention._sdpa(q, k, v, ctx), atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_packing_with_a_varlen_kernel_builds_no_dense_mask(monkeypatch):
+    """With a varlen kernel on the GPU the T x T mask (256 MB per 16K row) is never built; without one it is."""
+    model = _model(attn_backend="flash")
+    cu = torch.tensor([0, 5, 16, 24, 32], dtype=torch.int32)
+    monkeypatch.setattr(transformer_module, "_FLASH", False)
+    monkeypatch.setattr(transformer_module, "_TORCH_VARLEN", torch_varlen_test_double)
+    ctx = model._attn_context(2, 16, torch.device("cuda"), cu, None, None, None)
+    assert ctx.sdpa_mask is None and ctx.cu_seqlens.tolist() == cu.tolist() and ctx.max_seqlen == 11
+    monkeypatch.setattr(transformer_module, "_TORCH_VARLEN", False)
+    assert not transformer_module.varlen_kernel_available("cuda", "flash")
+    assert model._attn_context(2, 16, torch.device("cpu"), cu, None, None, None).sdpa_mask.shape == (2, 1, 16, 16)
+    assert not transformer_module.varlen_kernel_available("cpu", "flash")
+    monkeypatch.setattr(transformer_module, "_TORCH_VARLEN", torch_varlen_test_double)
+    assert not transformer_module.varlen_kernel_available("cuda", "sdpa")  # the sdpa backend is honoured
+    with pytest.raises(RuntimeError, match="without their block-diagonal mask"):
+        transformer_module.Attention._sdpa(*(torch.randn(2, h, 16, 16) for h in (4, 2, 2)), ctx)
+
+
+def test_masked_sdpa_gives_every_query_head_its_kv(monkeypatch):
+    """CUDA SDPA falls back to its O(T^2) math kernel for enable_gqa with a mask, so masked calls repeat K/V;
+    plain causal calls keep native GQA. Values and gradients equal the native-GQA call."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[1], k.shape[1], kw["attn_mask"] is not None, kw["enable_gqa"]))
+        return real(q, k, v, **kw)
+
+    model = _model()
+    cu = torch.tensor([0, 5, 16, 24, 32], dtype=torch.int32)
+    ctx = model._attn_context(2, 16, torch.device("cpu"), cu, None, None, None)
+    q, k, v = (torch.randn(2, h, 16, 16, requires_grad=True) for h in (4, 2, 2))
+    monkeypatch.setattr(transformer_module.F, "scaled_dot_product_attention", spy)
+    ours = transformer_module.Attention._sdpa(q, k, v, ctx)
+    plain = transformer_module.Attention._sdpa(q, k, v, transformer_module.AttnContext(None, 16, None))
+    assert calls == [(4, 4, True, False), (4, 2, False, True)]
+    reference = real(q, k, v, attn_mask=ctx.sdpa_mask, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(ours, reference)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(reference.square().sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    assert plain.shape == ours.shape
+
+
 def test_missing_flash_attn_falls_back_to_sdpa_and_logs_once(monkeypatch, caplog):
     monkeypatch.setattr(transformer_module, "_FLASH", None)
     import builtins

@@ -1,12 +1,16 @@
 """One-GPU benchmark: tokens/s, TFLOP/s, MFU and peak memory of a bf16 training step, against the planner.
 
-    python -m train.bench_gpu [--models 1b proxy14b] [--seqs 4096 16384] [--ac off on] [--json out.json]
+    python -m train.bench_gpu [--models 1b proxy14b] [--seqs 4096 16384] [--ac off on] [--doc-len 0 2048] [--json out.json]
 
 Models: `1b` (configs/model/1b.yaml), `proxy14b` (the Phi-4 14B shape with 4 of its 40 layers: hidden 5120, 40/10
 heads, FFN 17,920, full vocabulary; per-layer cost and the LM head are those of the real model), or a path to a model
 YAML. Each row is one (model, sequence length, activation checkpointing) layout: bf16 weights and gradients, an fp32
 master copy with fused AdamW and an fp32 gradient copy (the model states of DeepSpeed's bf16 optimizer on one GPU:
 2 + 2 + 12 + 4 bytes per parameter), the fused chunked loss, flash-attn when installed (else PyTorch SDPA).
+--doc-len L packs documents of L tokens into each row (the last one cut at the row's end) with document masking, as
+the trainer does: flash-attn varlen, else PyTorch's own varlen kernel, else SDPA with a block-diagonal mask; the
+`attn` column names the kernel that ran. FLOPs count attention over the whole window either way (the trainer's
+convention), so a packed row's MFU is comparable with the unpacked one at the same window.
 MFU = flops_per_token x tokens/s / the dense bf16 peak of the GPU (perf-reliability.md A2; --peak-tflops overrides).
 Peak memory is torch.cuda.max_memory_allocated over the timed steps, next to the planner's prediction
 (train/plan.py: ZeRO-0 model states + activations + loss buffers; its reserve and buckets are not allocations).
@@ -26,6 +30,7 @@ import torch
 
 from data.fileio import atomic_write
 from model.config import ModelConfig
+from model import transformer as transformer_module
 from model.transformer import Transformer
 from train.config import REPO_ROOT, RunConfig, load_config
 
@@ -34,7 +39,7 @@ MFU_TARGETS = {4096: 0.45, 16384: 0.40}  # H100, perf-reliability.md / issue 8
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def model_config(name: str, seq_len: int) -> ModelConfig:
+def model_config(name: str, seq_len: int, doc_len: int = 0) -> ModelConfig:
     """A named preset or a model YAML, with max_seq_len set to the benchmark's sequence length."""
     if name == "proxy14b":
         cfg = ModelConfig(n_layers=4)
@@ -44,8 +49,24 @@ def model_config(name: str, seq_len: int) -> ModelConfig:
             raise FileNotFoundError(f"--models {name}: no such preset or model YAML ({path})")
         cfg = load_config(path, schema=ModelConfig)
     cfg.max_seq_len = seq_len
-    cfg.doc_masking = False  # one document per row: plain causal attention
+    cfg.doc_masking = 0 < doc_len < seq_len  # else one document per row: plain causal attention
     return cfg
+
+
+def packed_cu_seqlens(batch: int, seq_len: int, doc_len: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Document starts over the flattened batch for rows of doc_len-token documents (the last cut at the row end)."""
+    starts = [r * seq_len + s for r in range(batch) for s in range(0, seq_len, doc_len)] + [batch * seq_len]
+    return torch.tensor(starts, dtype=torch.int32, device=device), min(doc_len, seq_len)
+
+
+def attn_kernel(backend: str, device: torch.device, packed: bool) -> str:
+    """The attention kernel the model will run for this layout (mirrors Attention.forward)."""
+    if backend == "flash" and device.type == "cuda":
+        if flash_available():
+            return "flash"
+        if packed and transformer_module._torch_varlen():
+            return "varlen"
+    return "sdpa"
 
 
 def planned_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpointing: bool) -> dict:
@@ -91,15 +112,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_layout(name: str, seq_len: int, checkpointing: bool, args, device: torch.device, peak_flops: float) -> dict:
+def run_layout(name: str, seq_len: int, doc_len: int, checkpointing: bool, args, device: torch.device,
+               peak_flops: float) -> dict:
     """Build, warm up and time one layout; returns one table row (a dict of plain values)."""
-    cfg = model_config(name, seq_len)
+    cfg = model_config(name, seq_len, doc_len)
     cfg.activation_checkpointing = checkpointing
     cfg.attn_backend = args.attn
     micro_batch = args.micro_batch or max(1, args.tokens_per_step // seq_len)
     tokens = micro_batch * seq_len
     row = {"model": Path(name).stem, "seq_len": seq_len, "micro_batch": micro_batch, "ac": checkpointing,
-           "attn": "flash" if args.attn == "flash" and flash_available() and device.type == "cuda" else "sdpa",
+           "doc_len": doc_len if cfg.doc_masking else 0, "attn": attn_kernel(args.attn, device, cfg.doc_masking),
            "params": cfg.num_params(), "flops_per_token": cfg.flops_per_token(seq_len),
            "planned_bytes": planned_bytes(cfg, seq_len, micro_batch, checkpointing)}
     model = optimizer = None
@@ -115,9 +137,14 @@ def run_layout(name: str, seq_len: int, checkpointing: bool, args, device: torch
         x = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len), device=device)
         labels = torch.roll(x, -1, dims=1)
         labels[:, -1] = -100
+        packing = {}
+        if cfg.doc_masking:
+            cu, longest = packed_cu_seqlens(micro_batch, seq_len, doc_len, device)
+            packing = {"cu_seqlens": cu, "max_seqlen": longest}
+            labels.view(-1)[cu[1:-1].long() - 1] = -100  # no loss across a document boundary
 
         def step() -> float:
-            loss = model(x, labels=labels)
+            loss = model(x, labels=labels, **packing)
             loss.backward()
             optimizer.step()
             return loss
@@ -150,19 +177,21 @@ def run_layout(name: str, seq_len: int, checkpointing: bool, args, device: torch
 
 def target_verdict(row: dict, gpu_name: str) -> str:
     target = MFU_TARGETS.get(row["seq_len"])
-    if row.get("status") != "ok" or target is None or "H100" not in gpu_name or row["model"] != "proxy14b":
+    if (row.get("status") != "ok" or target is None or "H100" not in gpu_name or row["model"] != "proxy14b"
+            or row.get("doc_len")):  # the targets are for one document per row, as llm-foundry measures
         return ""
     return f">= {100 * target:.0f}%: " + ("met" if row["mfu"] >= target else "NOT MET")
 
 
 def format_table(rows: list[dict], gpu_name: str, peak_flops: float) -> str:
-    head = (f"{'model':10s} {'seq':>6s} {'mb':>3s} {'AC':>3s} {'attn':>5s} {'tok/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
+    head = (f"{'model':10s} {'seq':>6s} {'doc':>6s} {'mb':>3s} {'AC':>3s} {'attn':>6s} {'tok/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
             f"{'peak GiB':>9s} {'plan GiB':>9s} {'meas/plan':>9s}  target")
     lines = [f"device: {gpu_name}, peak {peak_flops / 1e12:.3g} TFLOP/s (MFU denominator)", head, "-" * len(head)]
     for r in rows:
         plan_gib = r["planned_bytes"]["total"] / GIB
-        lead = (f"{r['model']:10s} {r['seq_len']:6d} {r['micro_batch']:3d} {'on' if r['ac'] else 'off':>3s} "
-                f"{r['attn']:>5s} ")
+        doc = str(r.get("doc_len") or "-")
+        lead = (f"{r['model']:10s} {r['seq_len']:6d} {doc:>6s} {r['micro_batch']:3d} {'on' if r['ac'] else 'off':>3s} "
+                f"{r['attn']:>6s} ")
         if r.get("status") != "ok":
             lines.append(lead + f"{r.get('status', '?'):>9s} {'':8s} {'':6s} {'':9s} {plan_gib:9.1f}")
             continue
@@ -178,6 +207,8 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", default=["1b", "proxy14b"], help="1b | proxy14b | path to a model YAML")
     p.add_argument("--seqs", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--ac", nargs="+", choices=("off", "on"), default=["off", "on"], help="activation checkpointing")
+    p.add_argument("--doc-len", nargs="+", type=int, default=[0],
+                   help="pack documents of this many tokens per row, with document masking (0: one per row)")
     p.add_argument("--tokens-per-step", type=int, default=16384, help="micro batch = this / seq_len (at least 1)")
     p.add_argument("--micro-batch", type=int, default=0, help="fixed micro batch (overrides --tokens-per-step)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per layout")
@@ -189,6 +220,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", help="cuda (default) | cuda:N | cpu (plumbing check only)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
+    if any(d < 0 for d in args.doc_len):
+        p.error(f"--doc-len must be >= 0, got {args.doc_len}")
     for name in ("tokens_per_step", "steps", "warmup", "micro_batch"):
         if getattr(args, name) < (0 if name in ("warmup", "micro_batch") else 1):
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -211,10 +244,11 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models:
         for seq_len in args.seqs:
-            for ac in args.ac:
-                rows.append(run_layout(name, seq_len, ac == "on", args, device, peak_flops))
-                progress = {k: v for k, v in rows[-1].items() if k != "planned_bytes"}
-                print(json.dumps(progress), file=sys.stderr, flush=True)  # stdout keeps the one table
+            for doc_len in args.doc_len:
+                for ac in args.ac:
+                    rows.append(run_layout(name, seq_len, doc_len, ac == "on", args, device, peak_flops))
+                    progress = {k: v for k, v in rows[-1].items() if k != "planned_bytes"}
+                    print(json.dumps(progress), file=sys.stderr, flush=True)  # stdout keeps the one table
     print(format_table(rows, gpu_name, peak_flops))
     if args.json:
         atomic_write(args.json, json.dumps({"device": gpu_name, "peak_flops": peak_flops, "torch": torch.__version__,
