@@ -315,3 +315,24 @@ def test_two_rank_zero3_dpo_builds_the_cache_sharded_and_resumes_with_it(runs):
     assert exit_status(run_dir)["status"] == "completed"
     losses = train_losses(run_dir)
     assert sorted(losses) == [1, 2, 3] and losses[1] == pytest.approx(math.log(2), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_preemption_during_the_reference_pass_keeps_finished_chunks_and_resumes(runs):
+    """SIGTERM on rank 0 while two ranks build the reference cache: both stop after the round in flight (exit 75,
+    status preempted), the finished chunks stay, and the requeued run computes only the rest."""
+    run_dir, cache = runs["root"] / "dpo_preempt_ref", runs["root"] / "preempt_ref.pt"
+    args = [*runs["dpo_args"], f"output_dir={run_dir}", f"dpo.ref_cache={cache}", "dpo.ref_chunk_pairs=4",
+            "train.max_steps=1", "train.save_every=100", "deepspeed.zero_stage=2"]
+    stopped = run_train("configs/smoke/dpo.yaml", args, nproc=2, module="tests.preempt_reference")
+    check(stopped, expected=1)  # torchrun reports the workers' 75 as 1
+    status = exit_status(run_dir)
+    assert status["status"] == "preempted" and status["step"] == 0, status
+    assert "stopped after 2 of" in status["message"] and not cache.exists()
+    parts = sorted(p.name for p in cache.with_name(cache.name + ".parts").iterdir())
+    assert parts == ["chunk_000000.pt", "chunk_000001.pt"]  # one round: a chunk per rank
+    resumed = run_train("configs/smoke/dpo.yaml", args, nproc=2)
+    check(resumed)
+    assert "2 already done" in resumed.stderr and exit_status(run_dir)["status"] == "completed"
+    single = torch.load(runs["dpo"] / "ref_logps.pt", weights_only=True)["logps"]
+    assert torch.allclose(torch.load(cache, weights_only=True)["logps"], single, rtol=1e-5, atol=1e-4)

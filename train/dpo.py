@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from data.fileio import atomic_path, sha256_file
 from train.checkpoint import resolve_checkpoint_dir
+from train.stages import StoppedBeforeTraining
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +185,13 @@ def _finished_chunks(parts: Path, key_json: str, chunks: list[np.ndarray]) -> li
 
 
 @torch.no_grad()
-def compute_ref_logps(model, batches, key: dict, path: Path, chunk_pairs: int, device, on_chunk=None) -> torch.Tensor:
+def compute_ref_logps(model, batches, key: dict, path: Path, chunk_pairs: int, device, on_chunk=None,
+                      should_stop=None) -> torch.Tensor:
     """Reference log-probs of every usable pair by `model` (engine or module), written to `path`; see the docstring.
 
     Every rank calls this. `on_chunk(k)` is called after chunk k is written (progress; tests interrupt with it).
+    `should_stop()` is polled by every rank after each round of chunks (a preemption signal: the finished chunks
+    stay on disk for the next attempt, and StoppedBeforeTraining is raised).
     """
     rank, world = _dist()
     key_json = json.dumps(key, sort_keys=True)
@@ -226,8 +230,13 @@ def compute_ref_logps(model, batches, key: dict, path: Path, chunk_pairs: int, d
                             "logps": torch.cat(logps)}, tmp)
             if on_chunk is not None:
                 on_chunk(k)
+        finished = min(len(done) + start + world, len(chunks))
         if rank == 0:
-            log.info("reference log-probs: %d/%d chunks", min(len(done) + start + world, len(chunks)), len(chunks))
+            log.info("reference log-probs: %d/%d chunks", finished, len(chunks))
+        if should_stop is not None and finished < len(chunks) and should_stop():
+            model.train(was_training)
+            raise StoppedBeforeTraining(f"reference log-probs: stopped after {finished} of {len(chunks)} chunks; "
+                                        f"they are kept in {parts} for the next attempt")
     model.train(was_training)
     _barrier()
     if rank == 0:
@@ -242,7 +251,7 @@ def compute_ref_logps(model, batches, key: dict, path: Path, chunk_pairs: int, d
     return load_ref_cache(path, key)
 
 
-def prepare_reference(cfg, engine, batches, dist_info) -> None:
+def prepare_reference(cfg, engine, batches, dist_info, should_stop=None) -> None:
     """The before_training hook: load the cache, or build it with the engine's (starting) weights."""
     path = cache_path(cfg)
     key = cache_key(cfg, batches, dist_info.precision)
@@ -255,4 +264,5 @@ def prepare_reference(cfg, engine, batches, dist_info) -> None:
             f"reference log-prob cache {path} is missing, but this run resumed from a checkpoint, so the engine no "
             "longer holds the reference (starting) weights. Restore the cache file, or start the stage again in a "
             "new output_dir.")
-    batches.ref_logps = compute_ref_logps(engine, batches, key, path, cfg.dpo.ref_chunk_pairs, dist_info.device)
+    batches.ref_logps = compute_ref_logps(engine, batches, key, path, cfg.dpo.ref_chunk_pairs, dist_info.device,
+                                          should_stop=should_stop)

@@ -109,7 +109,13 @@ class Trainer:
                      meta.get("world_size"), d.world_size)
         elif cfg.train.resume == "auto" and (self.run_dir / "checkpoints").is_dir():
             log.warning("train.resume=auto: no complete checkpoint in %s; starting from step 0", self.run_dir)
-        stages.before_training(cfg, self.engine, self.batches, d)  # e.g. DPO's reference log-prob cache
+        try:  # e.g. DPO's reference log-prob cache; a preemption signal stops it between chunks
+            stages.before_training(cfg, self.engine, self.batches, d, should_stop=lambda: self.stop.agreed(d.device))
+        except stages.StoppedBeforeTraining as e:
+            log.warning("stopping before the first step (signal %d): %s; exit %d", self.stop.signal, e, EXIT_REQUEUE)
+            self._exit_status("preempted", self.step, str(e))
+            self._leave_process_group()
+            return EXIT_REQUEUE
         self.metrics = MetricsLogger(self.run_dir, cfg.logging.wandb, to_dict(cfg), d.is_main, self.step,
                                      git_commit(REPO_ROOT) if d.is_main else "")
         self.peak_tflops = peak_tflops(cfg.logging.peak_tflops, d.device)
@@ -120,12 +126,16 @@ class Trainer:
             code = self._loop()
         finally:
             self.metrics.close()
-        # Leave the process group cleanly on every planned exit (gloo aborts at interpreter exit otherwise);
-        # on an exception the group is left alone so no rank waits on a dead peer.
+        self._leave_process_group()
+        return code
+
+    @staticmethod
+    def _leave_process_group() -> None:
+        """Leave the process group cleanly on every planned exit (gloo aborts at interpreter exit otherwise); on an
+        exception the group is left alone so no rank waits on a dead peer."""
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-        return code
 
     def _loop(self) -> int:
         cfg, d = self.cfg, self.dist

@@ -138,12 +138,19 @@ def input_tokens(batch: dict) -> int:
     return int((batch["input_ids"] != PAD_ID).sum())
 
 
-def before_training(cfg: RunConfig, engine, batches, dist_info) -> None:
-    """Work between building the engine and the first step: DPO's reference log-probs (nothing for the others)."""
+class StoppedBeforeTraining(Exception):
+    """A stop signal arrived during before_training; the work done so far is kept for the requeued job."""
+
+
+def before_training(cfg: RunConfig, engine, batches, dist_info, should_stop=None) -> None:
+    """Work between building the engine and the first step: DPO's reference log-probs (nothing for the others).
+
+    `should_stop()` (collective: every rank calls it at the same points) is polled between units of work; when it
+    says stop, StoppedBeforeTraining is raised after the last finished unit was saved."""
     if cfg.stage == "dpo":
         from train.dpo import prepare_reference
 
-        prepare_reference(cfg, engine, batches, dist_info)
+        prepare_reference(cfg, engine, batches, dist_info, should_stop)
 
 
 def step_metrics(extras: dict, n_units: float, cfg: RunConfig) -> dict:
