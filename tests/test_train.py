@@ -102,6 +102,24 @@ def test_resume_is_bit_identical_and_ignores_half_written(work, reference, refer
         assert got[step] == ref[step], (step, got[step], ref[step])  # bit-identical
 
 
+@pytest.mark.parametrize("zero", [2, 3])
+def test_bf16_the_gpu_precision_trains_close_to_fp32_and_resumes_bit_identically(work, reference, zero):
+    """train.precision=bf16 (what `auto` picks on GPUs: DeepSpeed's bf16 engine, fp32 master weights), run here on
+    CPU under gloo: close to the fp32 run, not equal to it, and resumed without a bit of difference."""
+    full = _run(work, f"bf16_z{zero}", zero=zero, overrides=["train.precision=bf16"])[0]
+    assert json.loads((full / "deepspeed.json").read_text())["bf16"] == {"enabled": True}
+    ref, got = train_losses(reference), train_losses(full)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    assert any(got[s] != ref[s] for s in ref)  # bf16 math really ran
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], abs=0.05), (step, got, ref)
+    run_dir, cfg, _ = _run(work, f"bf16_resume_z{zero}", zero=zero,
+                           overrides=["train.precision=bf16", "train.stop_after_steps=3"], expected=1)
+    check(run_train(cfg, ["train.precision=bf16"], nproc=2))
+    resumed = train_losses(run_dir)
+    assert resumed == got, (resumed, got)  # bit-identical, every step
+
+
 def test_resume_on_one_process_from_two(work):
     """ZeRO-2 checkpoint of 2 ranks, resumed by 1 process through DeepSpeed's universal checkpoint."""
     root, _ = work
