@@ -219,8 +219,11 @@ class Trainer:
         return values
 
     def _local_grad_norm(self) -> float:
-        sq = sum(float(p.grad.double().pow(2).sum()) for p in self.engine.module.parameters() if p.grad is not None)
-        return math.sqrt(sq)
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
+        return float(torch.linalg.vector_norm(norms))  # one device sync, not one per parameter
 
     def _log(self, values: dict, step_time: float, data_time: float) -> None:
         cfg, d = self.cfg, self.dist
