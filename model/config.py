@@ -22,6 +22,7 @@ class ModelConfig:
     attn_backend: str = "sdpa"  # sdpa | flash (falls back to sdpa, logged once, if flash-attn is missing)
     doc_masking: bool = True  # packed documents never attend to each other; positions restart per document
     activation_checkpointing: bool = False  # recompute each block in backward
+    lean_activations: bool = True  # RMSNorm/SwiGLU keep only their inputs for backward (model/lean.py); same forward
     loss_chunk_tokens: int = 1024  # tokens per chunk of the fused LM-head + cross-entropy; 0 = plain (full logits)
     onednn_loss: bool = True  # CPU only: the fused loss's matmuls through oneDNN (AVX-512) instead of MKL; same fp32
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
+from model.lean import rms_norm, swiglu
 from model.loss import fused_linear_cross_entropy, token_nll
 
 log = logging.getLogger(__name__)
@@ -22,12 +23,14 @@ IGNORE_INDEX = -100
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, lean: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.lean = eps, lean
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean and torch.is_grad_enabled():
+            return rms_norm(x, self.weight, self.eps)  # the same ops; keeps only x and 1/rms for backward
         # Normalise in fp32, scale in the input dtype (as HF Phi3RMSNorm does).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -184,21 +187,24 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ffn_dim = cfg.ffn_dim
+        self.ffn_dim, self.lean = cfg.ffn_dim, cfg.lean_activations
         self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)  # gate | up, as HF gate_up_proj
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x):
-        gate, up = self.w13(x).split(self.ffn_dim, dim=-1)
+        gate_up = self.w13(x)
+        if self.lean and torch.is_grad_enabled():
+            return self.w2(swiglu(gate_up, self.ffn_dim))  # keeps only gate|up for backward
+        gate, up = gate_up.split(self.ffn_dim, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.lean_activations)
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.lean_activations)
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, cos, sin, ctx: AttnContext, layer_idx: int = 0, kv_cache: KVCache | None = None):
@@ -248,7 +254,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.lean_activations)
         self.output = LMHead(cfg)  # untied from tok_embeddings
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()

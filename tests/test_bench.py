@@ -151,9 +151,9 @@ def test_gpu_prediction_is_the_planners_zero0_layout():
     psi = cfg.num_params()
     pred = bench_gpu.planned_bytes(cfg, 4096, 1, checkpointing=True)
     assert pred["model_states"] == 20 * psi  # bf16 params + grads, fp32 master/m/v, fp32 grad copy
-    sbh = 4096 * 1 * cfg.dim
-    assert pred["activations"] == plan.ACT_BYTES_AC * sbh * 4 + plan.ACT_BYTES_NO_AC * sbh
-    assert bench_gpu.planned_bytes(cfg, 4096, 1, checkpointing=False)["activations"] == 34 * sbh * 4
+    sbh, layer = 4096 * 1 * cfg.dim, 4096 * plan.layer_activation_bytes_per_token(cfg)
+    assert pred["activations"] == plan.ACT_BYTES_AC * sbh * 4 + layer
+    assert bench_gpu.planned_bytes(cfg, 4096, 1, checkpointing=False)["activations"] == layer * 4
     assert pred["total"] == pred["model_states"] + pred["activations"] + pred["loss"]
 
 

@@ -1,7 +1,7 @@
 """Speed switches compute the same thing as the plain path: losses and gradients equal within fp32 tolerance.
 
-Switches: `loss_chunk_tokens` (fused chunked LM head + cross-entropy vs full logits) and `onednn_loss` (its matmuls
-through oneDNN vs the default BLAS), plus the fused loss's own fast paths (in-place softmax, -log p with an exact
+Switches: `loss_chunk_tokens` (fused chunked LM head + cross-entropy vs full logits), `onednn_loss` (its matmuls
+through oneDNN vs the default BLAS) and `lean_activations` (RMSNorm and SwiGLU recompute in backward), plus the fused loss's own fast paths (in-place softmax, -log p with an exact
 fallback, row weights folded into the small matmul operands, the 16-bit branch used on GPUs).
 """
 from __future__ import annotations
@@ -133,3 +133,53 @@ def test_bad_arguments_are_refused():
         fused_linear_cross_entropy(h, weight, labels, 2, reduction="none")
     with pytest.raises(ValueError, match="chunk_tokens"):
         fused_linear_cross_entropy(h, weight, labels, 0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_lean_activations_switch_equals_plain_autograd(dtype, tol):
+    """Same forward bits, same gradients (to rounding) as plain autograd, for every parameter and the input; also
+    under activation checkpointing, and with packed documents."""
+    x = torch.randint(0, 512, (2, 24))
+    labels = torch.randint(0, 512, (2, 24))
+    cu = torch.tensor([0, 7, 24, 30, 48], dtype=torch.int32)
+    results = {}
+    for lean in (False, True):
+        for ac in (False, True):
+            torch.manual_seed(0)
+            model = Transformer(ModelConfig(**SMALL, lean_activations=lean, activation_checkpointing=ac)).to(dtype)
+            loss = model(x, labels=labels, cu_seqlens=cu)
+            loss.backward()
+            hidden = model(x, cu_seqlens=cu, return_hidden=True)
+            results[lean, ac] = [loss.detach(), hidden.detach()] + [p.grad.clone() for p in model.parameters()]
+    for ac in (False, True):
+        plain, lean = results[False, ac], results[True, ac]
+        assert torch.equal(plain[0], lean[0]) and torch.equal(plain[1], lean[1])  # forward: bit-identical
+        for name, a, b in zip(["loss", "hidden", *(n for n, _ in model.named_parameters())], plain, lean):
+            scale = a.double().abs().max().clamp_min(1e-6)
+            assert ((a.double() - b.double()).abs().max() / scale) <= tol, name
+
+
+def test_lean_functions_match_autograd_on_their_own():
+    """RMSNorm and SwiGLU functions against autograd of the same formulas, including a weight that broadcasts over
+    (B, T) and gradients that reach only some inputs."""
+    from model.lean import rms_norm, swiglu
+
+    torch.manual_seed(0)  # fp32: the norm computes in fp32 whatever the input dtype
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(16)).requires_grad_()
+    g = torch.randn(3, 5, 16)
+    plain = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    ours = rms_norm(x, w, 1e-5)
+    assert torch.equal(plain, ours)
+    expected = torch.autograd.grad(plain, (x, w), g)
+    for a, b in zip(expected, torch.autograd.grad(ours, (x, w), g)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    frozen = rms_norm(x, w.detach(), 1e-5)  # only x needs a gradient
+    torch.testing.assert_close(torch.autograd.grad(frozen, x, g)[0], expected[0], atol=1e-6, rtol=1e-5)
+    gate_up = torch.randn(3, 5, 2 * 8, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(3, 5, 8, dtype=torch.float64)
+    gate, up = gate_up.split(8, dim=-1)
+    ref = F.silu(gate) * up
+    assert torch.equal(ref, swiglu(gate_up, 8))
+    torch.testing.assert_close(torch.autograd.grad(swiglu(gate_up, 8), gate_up, gy)[0],
+                               torch.autograd.grad(ref, gate_up, gy)[0], atol=1e-12, rtol=1e-12)

@@ -1,5 +1,6 @@
-"""Planner: model-state memory against DeepSpeed's own estimators, the ZeRO paper's 16 Psi figures, the spec's
-computed constants (perf-reliability.md sections 0 and A3), and the CLI's output on the 14B shape."""
+"""Planner: model-state memory against DeepSpeed's own estimators, the ZeRO paper's 16 Psi figures, activation
+memory against the tensors autograd really saves, the spec's computed constants (perf-reliability.md sections 0
+and A3), and the CLI's output on the 14B shape."""
 from __future__ import annotations
 
 import contextlib
@@ -119,8 +120,52 @@ def test_sixteen_psi_accounting_matches_the_zero_paper_and_the_spec():
         assert [round(paper(PHI4_PARAMS, z, nd), 1) for z in (1, 2, 3)] == list(expected)
 
 
+def saved_activation_bytes(cfg: ModelConfig, batch: int, seq: int) -> int:
+    """Bytes one bf16 block keeps for backward, from autograd itself: every tensor saved during its forward, by
+    distinct storage, weights excluded."""
+    from model.transformer import rope_cos_sin
+
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(torch.bfloat16)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randint(0, cfg.vocab_size, (batch, seq))
+    cos, sin = rope_cos_sin(torch.arange(seq).expand(batch, seq), cfg.head_dim, cfg.rope_theta)
+    ctx = model._attn_context(batch, seq, x.device, None, None, None, None)
+    h = model.tok_embeddings(x).detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.layers[0](h, cos, sin, ctx, 0, None)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("lean", [True, False])
+@pytest.mark.parametrize("shape", [dict(dim=1024, n_heads=8, n_kv_heads=2, ffn_dim=3584),  # Phi-4's ratios
+                                   dict(dim=768, n_heads=12, n_kv_heads=12, ffn_dim=2048),  # MHA
+                                   dict(dim=512, n_heads=4, n_kv_heads=1, ffn_dim=1376)])  # MQA
+def test_activation_formula_is_what_autograd_saves(shape, lean):
+    cfg = ModelConfig(vocab_size=256, n_layers=1, lean_activations=lean, **shape)
+    measured = saved_activation_bytes(cfg, batch=2, seq=64)
+    assert measured == pytest.approx(2 * 64 * plan.layer_activation_bytes_per_token(cfg), rel=1e-3)
+
+
+def test_activations_for_phi4_by_the_formula():
+    m = ModelConfig()
+    assert plan.layer_activation_bytes_per_token(m) / m.dim == pytest.approx(36.73, abs=0.01)
+    m.lean_activations = False  # plain autograd: the fp32 norm copies and silu(gate) too
+    assert plan.layer_activation_bytes_per_token(m) / m.dim == pytest.approx(51.73, abs=0.01)
+
+
 def test_activations_throughput_and_time_match_the_spec_constants(tmp_path):
-    for seq, no_ac, ac, one_layer, tok_s in ((4096, 28.5, 1.7, 0.7, 4167), (16384, 114.0, 6.7, 2.9, 3161)):
+    # The spec's table uses Korthikanti's 34 s b h per layer (28.5 GB at 4K without checkpointing); our block keeps
+    # 36.7 s b h (measured above), so activations are 8% above the spec's; checkpoints (2 s b h) are the spec's.
+    for seq, no_ac, ac, one_layer, tok_s in ((4096, 30.8, 1.7, 0.77, 4167), (16384, 123.2, 6.7, 3.08, 3161)):
         cfg = load_config(stage_config(tmp_path, train={"seq_len": seq, "global_batch": 5760 * 4096 // seq}))
         p = plan.plan_stage(cfg, plan.Hardware("h100-80gb", 1920, 0.40, 4.0))
         mem = p["memory_bytes"]

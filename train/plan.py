@@ -14,10 +14,11 @@ Memory per GPU (bytes; printed in GiB, as DeepSpeed's estimators and nvidia-smi 
   20 Psi/Nd + 4 largest, 2 Psi/Nd above `estimate_zero3_...` (18 Psi/Nd), which does not count the fp32 gradient
   copy that stage3.py makes for the optimizer step. Offloading the optimizer moves optimizer states, fp32 grads and
   (ZeRO-2/3) 16-bit grad partitions to CPU; offloading params (ZeRO-3) also moves the 16-bit param partition.
-- Activations (Korthikanti et al. 2022, eq. 1, 16-bit): 34 s b h bytes per layer without activation checkpointing.
-  Flash/SDPA attention never stores the a x s x s scores, so the 5 a s^2 b term is absent. With full
-  checkpointing: the 2 s b h input of every layer plus one layer's 34 s b h recomputed in backward. 34 is the
-  GPT-with-dropout constant; our block (SwiGLU 3.5 h, GQA 1/4, no dropout) re-derives to 30-41: plan with 34.
+- Activations: what our block keeps for backward, tensor by tensor (`layer_activation_bytes_per_token`; bf16), in
+  place of Korthikanti et al.'s GPT-with-dropout 34 s b h. Flash/SDPA attention never stores the a x s x s scores.
+  For Phi-4 that is 36.7 s b h per layer with `model.lean_activations` (the default) and 51.7 without;
+  tests/test_plan.py measures the tensors autograd really saves and holds the formula to them. With full
+  checkpointing: the 2 s b h input of every layer plus one layer's working set recomputed in backward.
 - Loss: the fused chunked cross-entropy (model/loss.py) holds one chunk of logits (chunk x V, bf16 product + fp32
   copy = 6 bytes each) plus its gradient buffers: the fp32 LM-head gradient accumulator (4 V d), its 16-bit copy
   saved for backward (2 V d) and dL/dh (2 b s d). The plain path (loss_chunk_tokens=0) holds b s V x 10 bytes
@@ -51,7 +52,6 @@ GPUS = {
     "a100-80gb": (79.2, 312.0),
     "a100-40gb": (39.4, 312.0),
 }
-ACT_BYTES_NO_AC = 34  # x s b h per layer (Korthikanti eq. 1 without the attention-score term)
 ACT_BYTES_AC = 2  # x s b h per layer: the checkpointed block input, 16-bit
 ZERO3_PREFETCH_ELEMENTS = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size default
 PHI4_PARAMS = 14_659_507_200
@@ -100,12 +100,27 @@ def model_state_bytes(psi: int, largest: int, zero: int, nd: int, offload_optimi
             "fp32_grad_copy": fp32_grads, "zero3_gathered_layer": gathered}
 
 
+def layer_activation_bytes_per_token(m) -> float:
+    """Bytes one block keeps for backward per token, bf16 activations (h = dim, kv = KV width, f = FFN width):
+    RMSNorm x 2: its input (2h) and 1/rms (4), plus the output the next matmul keeps (2h); plain autograd keeps an
+    fp32 copy of the input (4h) and the normalised tensor (2h) in place of the input. Attention: the fused QKV output (2(h + 2kv), V is
+    a view of it), rotated q (2h) and k (2kv), RoPE cos/sin cast to bf16 (4 x 2 hd), the fp32 log-sum-exp per head
+    (4 n_heads), the output projection's input (2h). SwiGLU: gate|up (4f) and the down projection's input (2f);
+    plain autograd also keeps silu(gate) (2f)."""
+    h, kv, f = m.dim, m.n_kv_heads * m.head_dim, m.ffn_dim
+    attention = 2 * (h + 2 * kv) + 2 * h + 2 * kv + 8 * m.head_dim + 4 * m.n_heads + 2 * h
+    norm = 2 * h + 4 + 2 * h + (0 if m.lean_activations else 4 * h)
+    mlp = 6 * f + (0 if m.lean_activations else 2 * f)
+    return attention + 2 * norm + mlp
+
+
 def activation_bytes(cfg, checkpointing: bool) -> float:
     m, t = cfg.model, cfg.train
-    sbh = t.seq_len * t.micro_batch * m.dim
+    tokens = t.seq_len * t.micro_batch
+    one_layer = tokens * layer_activation_bytes_per_token(m)
     if checkpointing:
-        return ACT_BYTES_AC * sbh * m.n_layers + ACT_BYTES_NO_AC * sbh
-    return ACT_BYTES_NO_AC * sbh * m.n_layers
+        return ACT_BYTES_AC * tokens * m.dim * m.n_layers + one_layer
+    return one_layer * m.n_layers
 
 
 def loss_bytes(cfg) -> dict[str, float]:
