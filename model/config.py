@@ -21,7 +21,8 @@ class ModelConfig:
     init_std: float = 0.02
     attn_backend: str = "sdpa"  # sdpa | flash (falls back to sdpa, logged once, if flash-attn is missing)
     doc_masking: bool = True  # packed documents never attend to each other; positions restart per document
-    activation_checkpointing: bool = False  # recompute each block in backward
+    activation_checkpointing: bool = False  # recompute blocks in backward
+    checkpoint_every: int = 1  # with activation_checkpointing: every N-th block (1 = all, 2 = every other, ...)
     lean_activations: bool = True  # RMSNorm/SwiGLU keep only their inputs for backward (model/lean.py); same forward
     loss_chunk_tokens: int = 1024  # tokens per chunk of the fused LM-head + cross-entropy; 0 = plain (full logits)
     onednn_loss: bool = True  # CPU only: the fused loss's matmuls through oneDNN (AVX-512) instead of MKL; same fp32
@@ -40,6 +41,7 @@ class ModelConfig:
             (self.attn_backend in ATTN_BACKENDS,
              f"model.attn_backend={self.attn_backend!r}; expected one of {list(ATTN_BACKENDS)}"),
             (self.loss_chunk_tokens >= 0, f"model.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0"),
+            (self.checkpoint_every >= 1, f"model.checkpoint_every={self.checkpoint_every} must be >= 1 (1 = every block)"),
         ]
         for field_name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, field_name)

@@ -323,7 +323,8 @@ class Transformer(nn.Module):
 
         h = self.tok_embeddings(input_ids)
         for i, layer in enumerate(self.layers):
-            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if (self.cfg.activation_checkpointing and i % self.cfg.checkpoint_every == 0 and self.training
+                    and torch.is_grad_enabled()):
                 h = checkpoint(layer, h, cos, sin, ctx, i, None, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, ctx, i, kv_cache)

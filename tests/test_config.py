@@ -86,6 +86,8 @@ def test_wrong_type_and_bad_choice(tmp_path):
         load_config(_write(tmp_path, "train: {max_steps: 2}\n"), ["deepspeed.zero_stage=4"])
     with pytest.raises(ConfigError, match=r"logging.wandb.mode='cloud'"):
         load_config(_write(tmp_path, "train: {max_steps: 2}\n"), ["logging.wandb.mode=cloud"])
+    with pytest.raises(ConfigError, match=r"model.checkpoint_every=0 must be >= 1"):
+        load_config(_write(tmp_path, "train: {max_steps: 2}\n"), ["model.checkpoint_every=0"])
 
 
 def test_invalid_yaml_names_the_line(tmp_path):

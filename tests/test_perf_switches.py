@@ -183,3 +183,22 @@ def test_lean_functions_match_autograd_on_their_own():
     assert torch.equal(ref, swiglu(gate_up, 8))
     torch.testing.assert_close(torch.autograd.grad(swiglu(gate_up, 8), gate_up, gy)[0],
                                torch.autograd.grad(ref, gate_up, gy)[0], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_checkpointing_every_nth_block_equals_no_checkpointing(every):
+    """Recomputing every N-th block in backward changes memory only: the same loss and gradients, bit for bit."""
+    x, labels = torch.randint(0, 512, (2, 24)), torch.randint(0, 512, (2, 24))
+    results = []
+    for ac in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(**{**SMALL, "n_layers": 4}, activation_checkpointing=ac, checkpoint_every=every))
+        recomputed = []
+        for i, layer in enumerate(model.layers):
+            layer.register_forward_pre_hook(lambda m, a, i=i: recomputed.append(i))
+        model(x, labels=labels).backward()
+        results.append([p.grad for p in model.parameters()])
+        forwards = [recomputed.count(i) for i in range(4)]
+        assert forwards == ([2 if ac and i % every == 0 else 1 for i in range(4)]), forwards  # who is recomputed
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

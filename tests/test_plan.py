@@ -155,6 +155,16 @@ def test_activation_formula_is_what_autograd_saves(shape, lean):
     assert measured == pytest.approx(2 * 64 * plan.layer_activation_bytes_per_token(cfg), rel=1e-3)
 
 
+def test_checkpointing_every_nth_block_keeps_the_others_whole(tmp_path):
+    cfg = load_config(stage_config(tmp_path, model={"preset": "phi4-14b", "checkpoint_every": 2}))
+    tokens, layer = 4096, 4096 * plan.layer_activation_bytes_per_token(cfg.model)
+    assert plan.activation_bytes(cfg, True) == pytest.approx(20 * 2 * tokens * 5120 + 20 * layer + layer)
+    assert plan.activation_bytes(cfg, False) == pytest.approx(40 * layer)
+    p = plan.plan_stage(cfg, plan.Hardware("h100-80gb", 8, 0.40, 4.0))
+    assert p["recompute_fraction"] == pytest.approx(0.5 / 3)
+    assert "checkpointing 1 block in 2" in plan.format_stage(p)
+
+
 def test_activations_for_phi4_by_the_formula():
     m = ModelConfig()
     assert plan.layer_activation_bytes_per_token(m) / m.dim == pytest.approx(36.73, abs=0.01)

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 # Model fields that do not change the numbers a forward pass computes (beyond kernel rounding).
-NON_NUMERIC_MODEL_FIELDS = ("activation_checkpointing", "lean_activations", "loss_chunk_tokens", "attn_backend",
-                            "max_seq_len")
+NON_NUMERIC_MODEL_FIELDS = ("activation_checkpointing", "checkpoint_every", "lean_activations", "loss_chunk_tokens",
+                            "attn_backend", "max_seq_len")
 
 
 class RefCacheError(RuntimeError):

@@ -118,8 +118,9 @@ def activation_bytes(cfg, checkpointing: bool) -> float:
     m, t = cfg.model, cfg.train
     tokens = t.seq_len * t.micro_batch
     one_layer = tokens * layer_activation_bytes_per_token(m)
-    if checkpointing:
-        return ACT_BYTES_AC * tokens * m.dim * m.n_layers + one_layer
+    if checkpointing:  # checkpointed blocks keep their input; the others everything; plus one block's recompute
+        n_ckpt = math.ceil(m.n_layers / m.checkpoint_every)
+        return ACT_BYTES_AC * tokens * m.dim * n_ckpt + one_layer * (m.n_layers - n_ckpt) + one_layer
     return one_layer * m.n_layers
 
 
@@ -185,6 +186,10 @@ def plan_stage(cfg: RunConfig, hw: Hardware) -> dict:
         "grad_accum_steps": t.global_batch // (t.micro_batch * nd),
         "zero_stage": ds.zero_stage, "offload_optimizer": ds.offload_optimizer, "offload_params": ds.offload_params,
         "activation_checkpointing": m.activation_checkpointing,
+        "recompute_fraction": (math.ceil(m.n_layers / m.checkpoint_every) / m.n_layers / 3.0
+                               if m.activation_checkpointing else 0.0),
+        "checkpointing_label": "activations, " + ("full checkpointing" if m.checkpoint_every == 1
+                                                  else f"checkpointing 1 block in {m.checkpoint_every}"),
         "memory_bytes": {**states, "model_states_total": sum(states.values()), **act, **loss,
                          "comm_buckets": comm, "reserve": reserve},
         "total_bytes": total, "configured": configured, "capacity_bytes": hw.capacity_bytes,
@@ -217,13 +222,13 @@ def format_stage(p: dict, title: str = "") -> str:
             ("fp32 grad copy (DeepSpeed step)", "fp32_grad_copy"), ("ZeRO-3 gathered layer", "zero3_gathered_layer"),
             ("= model states", "model_states_total"),
             ("activations, no checkpointing", "activations_no_ac"),
-            ("activations, full checkpointing", "activations_full_ac"),
+            (p["checkpointing_label"], "activations_full_ac"),
             ("logits (loss chunk)", "logits"), ("loss gradient buffers", "loss_grad_buffers"),
             ("communication buckets", "comm_buckets"), ("reserve (context, NCCL, fragmentation)", "reserve")]
     for label, key in rows:
         mark = "  <- configured" if key == f"activations_{p['configured']}" else ""
         lines.append(f"  {label:40s} {_gib(mem[key])}{mark}")
-    for key, label in (("full_ac", "with full checkpointing"), ("no_ac", "without checkpointing")):
+    for key, label in (("full_ac", "with " + p["checkpointing_label"].split(", ")[1]), ("no_ac", "without checkpointing")):
         total = p["total_bytes"][key]
         verdict = "fits" if p["fits"][key] else f"DOES NOT FIT (short by {(total - cap) / GIB:.1f} GiB)"
         lines.append(f"  total {label:34s} {_gib(total)} of {cap / GIB:.1f} GiB: {verdict}")
@@ -232,7 +237,9 @@ def format_stage(p: dict, title: str = "") -> str:
                      f"per GPU, {gpu_name} has {cap / GIB:.1f} GiB; try a higher ZeRO stage, more GPUs, "
                      "activation checkpointing or a smaller micro batch")
     lines += [f"throughput at {100 * p['mfu']:.0f}% MFU: {p['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
-              f"step {p['step_time_s']:.2f} s",
+              f"step {p['step_time_s']:.2f} s"
+              + (f" (the GPUs also recompute {100 * p['recompute_fraction']:.0f}% more FLOPs for checkpointing, "
+                 "which MFU does not count)" if p["recompute_fraction"] else ""),
               f"budget: {p['total_tokens']:,} tokens = {p['steps']:,} steps = {p['days']:.2f} days"]
     return "\n".join(lines)
 
