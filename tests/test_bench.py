@@ -162,7 +162,8 @@ def test_gpu_arguments():
     assert args.models == ["1b", "proxy14b"] and args.seqs == [4096, 16384] and args.ac == ["off", "on"]
     assert args.dtype == "bf16" and args.attn == "flash"
     assert args.doc_len == [0]
-    for bad in (["--steps", "0"], ["--ac", "maybe"], ["--seqs", "1"], ["--doc-len", "-1"]):
+    assert bench_gpu.parse_args(["--ac", "off", "2"]).ac == ["off", "2"]  # every other block
+    for bad in (["--steps", "0"], ["--ac", "maybe"], ["--ac", "1"], ["--seqs", "1"], ["--doc-len", "-1"]):
         with pytest.raises(SystemExit):
             bench_gpu.parse_args(bad)
 
@@ -174,17 +175,20 @@ def test_gpu_loop_runs_on_cpu_and_prints_one_table(tmp_path, capsys):
     out = tmp_path / "gpu.json"
     assert bench_gpu.main(["--device", "cpu", "--models", str(model_yaml), "--seqs", "32", "--steps", "2",
                            "--warmup", "1", "--tokens-per-step", "64", "--peak-tflops", "1", "--doc-len", "0", "8",
-                           "--json", str(out)]) == 0
+                           "--ac", "off", "on", "2", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["model"], r["seq_len"], r["doc_len"], r["micro_batch"], r["ac"], r["status"], r["attn"])
-            for r in rows] == [("toy", 32, 0, 2, False, "ok", "sdpa"), ("toy", 32, 0, 2, True, "ok", "sdpa"),
-                               ("toy", 32, 8, 2, False, "ok", "sdpa"), ("toy", 32, 8, 2, True, "ok", "sdpa")]
+    assert [(r["model"], r["seq_len"], r["doc_len"], r["micro_batch"], r["ac"], r["ac_every"], r["status"], r["attn"])
+            for r in rows] == [("toy", 32, d, 2, ac, every, "ok", "sdpa")
+                               for d in (0, 8) for ac, every in ((False, 1), (True, 1), (True, 2))]
+    acts = [r["planned_bytes"]["activations"] for r in rows[:3]]
+    assert acts[1] < acts[2]  # every block checkpointed keeps less than every other one
+    assert " 1/2 " in table.splitlines()[5]
     for r in rows:
         assert r["tflops"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / 1e12)
         assert r["mfu"] == pytest.approx(r["tflops"] / 1.0)
         assert 5.0 < r["loss"] < 7.0  # ln 512 = 6.24 after two tiny steps
-    assert table.count("device: cpu") == 1 and table.count("toy") == 4
+    assert table.count("device: cpu") == 1 and table.count("toy") == 6
 
 
 def test_gpu_packed_rows_use_document_boundaries(monkeypatch):

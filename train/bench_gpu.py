@@ -1,6 +1,6 @@
 """One-GPU benchmark: tokens/s, TFLOP/s, MFU and peak memory of a bf16 training step, against the planner.
 
-    python -m train.bench_gpu [--models 1b proxy14b] [--seqs 4096 16384] [--ac off on] [--doc-len 0 2048] [--json out.json]
+    python -m train.bench_gpu [--models 1b proxy14b] [--seqs 4096 16384] [--ac off on 2] [--doc-len 0 2048] [--json out.json]
 
 Models: `1b` (configs/model/1b.yaml), `proxy14b` (the Phi-4 14B shape with 4 of its 40 layers: hidden 5120, 40/10
 heads, FFN 17,920, full vocabulary; per-layer cost and the LM head are those of the real model), or a path to a model
@@ -112,15 +112,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_layout(name: str, seq_len: int, doc_len: int, checkpointing: bool, args, device: torch.device,
+def run_layout(name: str, seq_len: int, doc_len: int, ac: str, args, device: torch.device,
                peak_flops: float) -> dict:
-    """Build, warm up and time one layout; returns one table row (a dict of plain values)."""
+    """Build, warm up and time one layout; returns one table row (a dict of plain values).
+    ac: off | on (every block) | N (every N-th block)."""
     cfg = model_config(name, seq_len, doc_len)
-    cfg.activation_checkpointing = checkpointing
+    checkpointing = ac != "off"
+    cfg.activation_checkpointing, cfg.checkpoint_every = checkpointing, int(ac) if ac.isdigit() else 1
     cfg.attn_backend = args.attn
     micro_batch = args.micro_batch or max(1, args.tokens_per_step // seq_len)
     tokens = micro_batch * seq_len
     row = {"model": Path(name).stem, "seq_len": seq_len, "micro_batch": micro_batch, "ac": checkpointing,
+           "ac_every": cfg.checkpoint_every,
            "doc_len": doc_len if cfg.doc_masking else 0, "attn": attn_kernel(args.attn, device, cfg.doc_masking),
            "params": cfg.num_params(), "flops_per_token": cfg.flops_per_token(seq_len),
            "planned_bytes": planned_bytes(cfg, seq_len, micro_batch, checkpointing)}
@@ -184,13 +187,15 @@ def target_verdict(row: dict, gpu_name: str) -> str:
 
 
 def format_table(rows: list[dict], gpu_name: str, peak_flops: float) -> str:
-    head = (f"{'model':10s} {'seq':>6s} {'doc':>6s} {'mb':>3s} {'AC':>3s} {'attn':>6s} {'tok/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
+    head = (f"{'model':10s} {'seq':>6s} {'doc':>6s} {'mb':>3s} {'AC':>4s} {'attn':>6s} {'tok/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
             f"{'peak GiB':>9s} {'plan GiB':>9s} {'meas/plan':>9s}  target")
     lines = [f"device: {gpu_name}, peak {peak_flops / 1e12:.3g} TFLOP/s (MFU denominator)", head, "-" * len(head)]
     for r in rows:
         plan_gib = r["planned_bytes"]["total"] / GIB
         doc = str(r.get("doc_len") or "-")
-        lead = (f"{r['model']:10s} {r['seq_len']:6d} {doc:>6s} {r['micro_batch']:3d} {'on' if r['ac'] else 'off':>3s} "
+        every = r.get("ac_every", 1)
+        ac = "off" if not r["ac"] else ("on" if every == 1 else f"1/{every}")
+        lead = (f"{r['model']:10s} {r['seq_len']:6d} {doc:>6s} {r['micro_batch']:3d} {ac:>4s} "
                 f"{r['attn']:>6s} ")
         if r.get("status") != "ok":
             lines.append(lead + f"{r.get('status', '?'):>9s} {'':8s} {'':6s} {'':9s} {plan_gib:9.1f}")
@@ -206,7 +211,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m train.bench_gpu", description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["1b", "proxy14b"], help="1b | proxy14b | path to a model YAML")
     p.add_argument("--seqs", nargs="+", type=int, default=[4096, 16384])
-    p.add_argument("--ac", nargs="+", choices=("off", "on"), default=["off", "on"], help="activation checkpointing")
+    p.add_argument("--ac", nargs="+", default=["off", "on"],
+                   help="activation checkpointing: off | on (every block) | N (every N-th block, N >= 2)")
     p.add_argument("--doc-len", nargs="+", type=int, default=[0],
                    help="pack documents of this many tokens per row, with document masking (0: one per row)")
     p.add_argument("--tokens-per-step", type=int, default=16384, help="micro batch = this / seq_len (at least 1)")
@@ -220,6 +226,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", help="cuda (default) | cuda:N | cpu (plumbing check only)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
+    bad_ac = [a for a in args.ac if a not in ("off", "on") and not (a.isdigit() and int(a) >= 2)]
+    if bad_ac:
+        p.error(f"--ac takes off, on or an integer N >= 2 (every N-th block), got {bad_ac}")
     if any(d < 0 for d in args.doc_len):
         p.error(f"--doc-len must be >= 0, got {args.doc_len}")
     for name in ("tokens_per_step", "steps", "warmup", "micro_batch"):
@@ -246,7 +255,7 @@ def main(argv=None) -> int:
         for seq_len in args.seqs:
             for doc_len in args.doc_len:
                 for ac in args.ac:
-                    rows.append(run_layout(name, seq_len, doc_len, ac == "on", args, device, peak_flops))
+                    rows.append(run_layout(name, seq_len, doc_len, ac, args, device, peak_flops))
                     progress = {k: v for k, v in rows[-1].items() if k != "planned_bytes"}
                     print(json.dumps(progress), file=sys.stderr, flush=True)  # stdout keeps the one table
     print(format_table(rows, gpu_name, peak_flops))
