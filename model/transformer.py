@@ -107,9 +107,12 @@ def _torch_varlen():
     return _TORCH_VARLEN
 
 
-def varlen_kernel_available(device: torch.device | str, backend: str) -> bool:
-    """Whether packed-document attention on this device runs a varlen kernel (no dense mask needed)."""
-    if backend != "flash" or torch.device(device).type != "cuda":
+FLASH_DTYPES = (torch.bfloat16, torch.float16)  # flash kernels have no fp32 path
+
+
+def varlen_kernel_available(device: torch.device | str, backend: str, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether packed-document attention on this device and dtype runs a varlen kernel (no dense mask needed)."""
+    if backend != "flash" or torch.device(device).type != "cuda" or dtype not in FLASH_DTYPES:
         return False
     return bool(_flash_attn()) or bool(_torch_varlen())
 
@@ -134,7 +137,7 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
 
-        fast = self.backend == "flash" and x.is_cuda and kv_cache is None
+        fast = self.backend == "flash" and x.is_cuda and x.dtype in FLASH_DTYPES and kv_cache is None
         flash = _flash_attn() if fast else False
         varlen = _torch_varlen() if fast and not flash and ctx.cu_seqlens is not None else False
         if flash:
@@ -292,7 +295,7 @@ class Transformer(nn.Module):
             return AttnContext(None, T, None)
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        if varlen_kernel_available(device, self.cfg.attn_backend):
+        if varlen_kernel_available(device, self.cfg.attn_backend, self.tok_embeddings.weight.dtype):
             return AttnContext(cu_seqlens.to(torch.int32), int(max_seqlen), None)  # no T x T mask on the GPU
         doc = doc_ids_from_cu_seqlens(cu_seqlens, B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()

@@ -205,6 +205,7 @@ def test_gpu_packed_rows_use_document_boundaries(monkeypatch):
         "varlen", "sdpa", "sdpa", "sdpa"]
     monkeypatch.setattr(bench_gpu, "flash_available", lambda: True)
     assert bench_gpu.attn_kernel("flash", cuda, False) == "flash"
+    assert bench_gpu.attn_kernel("flash", cuda, False, torch.float32) == "sdpa"  # flash kernels have no fp32 path
 
 
 def test_gpu_table_marks_targets_and_failed_rows():

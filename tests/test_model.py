@@ -185,7 +185,7 @@ def test_torch_varlen_path_matches_sdpa_with_test_double():
 
 def test_cuda_packing_with_a_varlen_kernel_builds_no_dense_mask(monkeypatch):
     """With a varlen kernel on the GPU the T x T mask (256 MB per 16K row) is never built; without one it is."""
-    model = _model(attn_backend="flash")
+    model = _model(attn_backend="flash").to(torch.bfloat16)
     cu = torch.tensor([0, 5, 16, 24, 32], dtype=torch.int32)
     monkeypatch.setattr(transformer_module, "_FLASH", False)
     monkeypatch.setattr(transformer_module, "_TORCH_VARLEN", torch_varlen_test_double)
@@ -197,6 +197,8 @@ def test_cuda_packing_with_a_varlen_kernel_builds_no_dense_mask(monkeypatch):
     assert not transformer_module.varlen_kernel_available("cpu", "flash")
     monkeypatch.setattr(transformer_module, "_TORCH_VARLEN", torch_varlen_test_double)
     assert not transformer_module.varlen_kernel_available("cuda", "sdpa")  # the sdpa backend is honoured
+    assert not transformer_module.varlen_kernel_available("cuda", "flash", torch.float32)  # flash has no fp32 path
+    assert transformer_module.varlen_kernel_available("cuda", "flash", torch.bfloat16)
     with pytest.raises(RuntimeError, match="without their block-diagonal mask"):
         transformer_module.Attention._sdpa(*(torch.randn(2, h, 16, 16) for h in (4, 2, 2)), ctx)
 

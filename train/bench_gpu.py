@@ -59,9 +59,9 @@ def packed_cu_seqlens(batch: int, seq_len: int, doc_len: int, device: torch.devi
     return torch.tensor(starts, dtype=torch.int32, device=device), min(doc_len, seq_len)
 
 
-def attn_kernel(backend: str, device: torch.device, packed: bool) -> str:
+def attn_kernel(backend: str, device: torch.device, packed: bool, dtype: torch.dtype = torch.bfloat16) -> str:
     """The attention kernel the model will run for this layout (mirrors Attention.forward)."""
-    if backend == "flash" and device.type == "cuda":
+    if backend == "flash" and device.type == "cuda" and dtype in transformer_module.FLASH_DTYPES:
         if flash_available():
             return "flash"
         if packed and transformer_module._torch_varlen():
@@ -123,8 +123,8 @@ def run_layout(name: str, seq_len: int, doc_len: int, ac: str, args, device: tor
     micro_batch = args.micro_batch or max(1, args.tokens_per_step // seq_len)
     tokens = micro_batch * seq_len
     row = {"model": Path(name).stem, "seq_len": seq_len, "micro_batch": micro_batch, "ac": checkpointing,
-           "ac_every": cfg.checkpoint_every,
-           "doc_len": doc_len if cfg.doc_masking else 0, "attn": attn_kernel(args.attn, device, cfg.doc_masking),
+           "ac_every": cfg.checkpoint_every, "doc_len": doc_len if cfg.doc_masking else 0,
+           "attn": attn_kernel(args.attn, device, cfg.doc_masking, DTYPES[args.dtype]),
            "params": cfg.num_params(), "flops_per_token": cfg.flops_per_token(seq_len),
            "planned_bytes": planned_bytes(cfg, seq_len, micro_batch, checkpointing)}
     model = optimizer = None
