@@ -9,7 +9,11 @@
 #   kind train   slurm/<stage>.sbatch (pretrain, midtrain, sft or dpo: the `stage:` of its config) with the runner's
 #                wiring: output_dir=<output_dir>/<name> train.resume=auto train.init_from=<previous training stage>,
 #                then the stage's overrides. Multi-node, requeued on preemption (see slurm/README.md).
-#   other kinds  (smoke_data, prepare, pts, export, eval) one task on one node with one GPU.
+#   other kinds  (smoke_data, prepare, pts, export, eval) one task on one node with one GPU, run through
+#                `python -m train.recipe <recipe> --stage NAME` (the runner's own stage.json and stage.log).
+# A last job, after the final stage, writes <output_dir>/summary.md (+ .json, plots) as `python -m train.recipe`
+# does at its end (`--summary`). Training stages are recorded by the trainer's exit_status.json, which the
+# runner also reads: a later local `python -m train.recipe` skips every stage the chain completed.
 # Jobs run from the repo root (relative paths in stage configs mean what they mean to the runner); their logs,
 # <job name>-<id>.out/.err, land in the directory you submit from.
 # The recipe's and stages' `nproc` (the local runner's process count) is not used: the Slurm allocation decides.
@@ -71,9 +75,9 @@ for stage in recipe.stages:
             except ConfigError as e:
                 sys.exit(f"{path}: stage {stage.name}: {e}")
             lines.append(shlex.join([stage.name, "train", f"{kind}.sbatch", config, *args[1:]]))
-        else:
-            cmd[0] = "${PHI4_PYTHON:-python}" if cmd[0] == sys.executable else cmd[0]
-            lines.append(shlex.join([stage.name, "cmd", " ".join(cmd[:1] + [shlex.quote(c) for c in cmd[1:]])]))
+        else:  # through the runner, so the stage leaves the runner's records
+            lines.append(shlex.join([stage.name, "cmd", "${PHI4_PYTHON:-python} -m train.recipe "
+                                     + " ".join(shlex.quote(c) for c in (path, "--stage", stage.name))]))
     if stage.kind == "train":
         runner.last_train = runner.stage_dir(stage.name)
 print("\n".join(lines))
@@ -109,3 +113,15 @@ while IFS= read -r line; do
     echo "$name: $what job $id${prev:+ after $prev} -> $PHI4_RECIPE_DIR/$name"
     prev="$id"
 done <<< "${plan#*$'\n'}"
+
+# The summary, once the last stage succeeded: CPU work on one node.
+wrap="{ [ -z \"\${PHI4_ENV_SETUP:-}\" ] || eval \"\$PHI4_ENV_SETUP\"; } && \${PHI4_PYTHON:-python} -m train.recipe $(printf '%q' "$recipe") --summary"
+cmd=(sbatch --parsable --job-name="phi4-summary" --nodes=1 --ntasks=1 --time=01:00:00 --open-mode=append
+     "${where[@]}" --dependency="afterok:$prev" --kill-on-invalid-dep=yes "${common_opts[@]}" --wrap="$wrap")
+if [ "$dry_run" = 1 ]; then
+    printf '%q ' "${cmd[@]}"; echo
+    exit 0
+fi
+id="$("${cmd[@]}")"
+id="${id%%;*}"
+echo "summary: command job ${id} after $prev -> $PHI4_RECIPE_DIR/summary.md"

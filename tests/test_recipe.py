@@ -76,3 +76,23 @@ def test_rerun_skips_completed_stages(smoke_run):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("already complete") == len(json.loads((out / "summary.json").read_text())["stages"])
+
+
+def test_one_stage_and_summary_only_modes(smoke_run, tmp_path):
+    """--stage NAME reruns one stage's record check (skipped: complete), --summary rewrites the summary from disk;
+    an unknown stage is a configuration error naming the stages."""
+    out, _ = smoke_run
+    run = lambda *extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "train.recipe", "configs/recipes/smoke.yaml", f"output_dir={out}", *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    one = run("--stage", "export")
+    assert one.returncode == 0 and one.stdout.count("already complete") == 1, one.stdout + one.stderr
+    before = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").unlink()
+    summary = run("--summary")
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    after = json.loads((out / "summary.json").read_text())
+    assert [(e["name"], e["status"], e.get("steps")) for e in after["stages"]] == [
+        (e["name"], e["status"], e.get("steps")) for e in before["stages"]]
+    bad = run("--stage", "nosuch")
+    assert bad.returncode == 2 and "--stage nosuch: no such stage" in bad.stderr and "dpo_pts" in bad.stderr

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -165,7 +166,8 @@ def test_scancel_saves_and_stops_without_requeue(work):
 
 
 def test_recipe_chain_runs_stages_in_order(work):
-    """submit_recipe.sh: smoke data -> pretraining -> midtraining as 3 jobs chained with afterok, wired as the runner."""
+    """submit_recipe.sh: smoke data -> pretraining -> midtraining -> summary as 4 jobs chained with afterok, wired as
+    the runner, leaving the runner's records: a local re-run finds every stage complete."""
     root, _ = work
     pre_cfg, _ = _config(work, "chain_pre_cfg", train={"max_steps": 4})
     mid_cfg, _ = _config(work, "chain_mid_cfg", stage="midtrain", model={"rope_theta": 250_000.0},
@@ -182,8 +184,9 @@ def test_recipe_chain_runs_stages_in_order(work):
     assert proc.returncode == 0, proc.stderr
     jobs = {name: (what, int(job)) for name, what, job in re.findall(r"^(\w+): (\w+) job (\d+)", proc.stdout, re.M)}
     assert jobs == {"data": ("command", jobs["data"][1]), "pretrain": ("pretrain", jobs["pretrain"][1]),
-                    "midtrain": ("midtrain", jobs["midtrain"][1])}, proc.stdout
-    ids = [jobs[n][1] for n in ("data", "pretrain", "midtrain")]
+                    "midtrain": ("midtrain", jobs["midtrain"][1]), "summary": ("command", jobs["summary"][1])}, \
+        proc.stdout
+    ids = [jobs[n][1] for n in ("data", "pretrain", "midtrain", "summary")]
     try:
         assert job_info(ids[2])["Dependency"].startswith(f"afterok:{ids[1]}"), job_info(ids[2])
         infos = [wait_done(j, JOB_TIMEOUT_S) for j in ids]
@@ -197,6 +200,15 @@ def test_recipe_chain_runs_stages_in_order(work):
     assert sorted(_losses(out / "pretrain")) == [1, 2, 3, 4] and sorted(_losses(out / "midtrain")) == [1, 2]
     saved = yaml.safe_load((out / "midtrain" / "config.yaml").read_text())
     assert saved["stage"] == "midtrain" and saved["train"]["init_from"] == str(out / "pretrain"), saved["train"]
+    assert json.loads((out / "data" / "stage.json").read_text())["status"] == "completed"  # the runner ran it
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(e["name"], e["status"]) for e in summary["stages"]] == [
+        ("data", "completed"), ("pretrain", "completed"), ("midtrain", "completed")]
+    assert summary["stages"][1]["steps"] == 4 and (out / "plots" / "midtrain.png").is_file()
+    rerun = subprocess.run([sys.executable, "-m", "train.recipe", str(recipe)], cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stdout.count("already complete") == 3, rerun.stdout
 
 
 @pytest.mark.parametrize("name,script,overrides,needle,reached_nodes", [

@@ -1,10 +1,13 @@
-"""`python -m train.recipe <recipe.yaml> [key=value ...]`: the whole recipe, stage after stage, from one command.
+"""`python -m train.recipe <recipe.yaml> [key=value ...] [--stage NAME | --summary]`: the whole recipe, stage after
+stage, from one command.
 
 A recipe lists stages in order; each runs as its own process (torchrun when `nproc` > 1) in `<output_dir>/<name>/`,
 and each training stage starts from the previous training stage's weights. A stage already complete is skipped on
 re-run, and an interrupted training stage continues from its newest checkpoint (`train.resume=auto`). Paths inside
 stage configs may use `${oc.env:PHI4_RECIPE_DIR,...}`: the runner sets it to the recipe's output_dir.
 At the end `<output_dir>/summary.md` (+ .json) and `<output_dir>/plots/<stage>.png` say what happened.
+`--stage NAME` runs that stage alone (wired as in the whole run), `--summary` only writes the summary from what is on
+disk: slurm/submit_recipe.sh uses both, so a Slurm chain leaves the same records as a local run.
 """
 from __future__ import annotations
 
@@ -70,17 +73,29 @@ class RecipeRunner:
     def stage_dir(self, name: str) -> Path:
         return self.out / name
 
-    def run(self) -> list[dict]:
+    def run(self, only: str | None = None) -> list[dict]:
+        """Every stage in order, then the summary; or only the stage named `only` (no summary)."""
+        if only is not None and only not in [s.name for s in self.recipe.stages]:
+            raise ConfigError(f"--stage {only}: no such stage (stages: {[s.name for s in self.recipe.stages]})")
         self.out.mkdir(parents=True, exist_ok=True)
         results = []
         for stage in self.recipe.stages:
-            results.append(self._run_stage(stage))
+            if only is None or stage.name == only:
+                results.append(self._run_stage(stage))
             if stage.kind == "train":
                 self.last_train = self.stage_dir(stage.name)
+        if only is None:
+            self.summarize(results)
+        return results
+
+    def summarize(self, results: list[dict] | None = None) -> dict:
+        """summary.md/.json and plots; without `results`, each stage's record as found on disk ("not run" if none)."""
         from train.summary import write_summary
 
-        write_summary(self.out, self.recipe, results)
-        return results
+        if results is None:
+            results = [self._done(s) or {"name": s.name, "kind": s.kind, "status": "not run"}
+                       for s in self.recipe.stages]
+        return write_summary(self.out, self.recipe, results)
 
     def _model_dir(self, stage: RecipeStage) -> Path:
         if stage.model_from:
@@ -115,15 +130,22 @@ class RecipeRunner:
 
     def _done(self, stage: RecipeStage) -> dict | None:
         marker = self.stage_dir(stage.name) / "stage.json"
-        if not marker.is_file():
-            return None
-        record = json.loads(marker.read_text())
-        return record if record.get("status") == "completed" else None
+        if marker.is_file():
+            record = json.loads(marker.read_text())
+            return record if record.get("status") == "completed" else None
+        exit_status = self.stage_dir(stage.name) / "exit_status.json"
+        if stage.kind == "train" and exit_status.is_file():  # run by a Slurm job: the trainer's own record
+            status = json.loads(exit_status.read_text())
+            if status.get("status") == "completed":
+                return {"name": stage.name, "kind": stage.kind, "status": "completed", "seconds": None,
+                        "step": status.get("step"), "source": str(exit_status)}
+        return None
 
     def _run_stage(self, stage: RecipeStage) -> dict:
         done = self._done(stage)
         if done is not None:
-            self.log(f"[recipe] {stage.name}: already complete ({done['seconds']:.0f} s), skipped")
+            took = f"{done['seconds']:.0f} s" if done.get("seconds") is not None else done.get("source", "")
+            self.log(f"[recipe] {stage.name}: already complete ({took}), skipped")
             return done
         d = self.stage_dir(stage.name)
         d.mkdir(parents=True, exist_ok=True)
@@ -145,20 +167,37 @@ class RecipeRunner:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    usage = "usage: python -m train.recipe <recipe.yaml> [key=value ...] [--stage NAME | --summary]"
     if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m train.recipe <recipe.yaml> [key=value ...]")
+        print(usage)
         return 0 if args else 2
+    only, summary_only, overrides = None, False, []
+    rest = iter(args[1:])
+    for a in rest:
+        if a == "--stage":
+            only = next(rest, None)
+            if not only:
+                print(f"--stage needs a stage name\n{usage}", file=sys.stderr)
+                return 2
+        elif a == "--summary":
+            summary_only = True
+        else:
+            overrides.append(a)
     try:
-        recipe = load_config(args[0], args[1:], schema=Recipe)
+        recipe = load_config(args[0], overrides, schema=Recipe)
+        runner = RecipeRunner(recipe)
+        if summary_only:
+            runner.summarize()
+        else:
+            runner.run(only)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
-    try:
-        RecipeRunner(recipe).run()
     except StageFailed as e:
         print(f"recipe failed: {e}", file=sys.stderr)
         return 1
-    print(f"[recipe] complete: {Path(recipe.output_dir) / 'summary.md'}")
+    if only is None:
+        print(f"[recipe] complete: {Path(recipe.output_dir) / 'summary.md'}")
     return 0
 
 

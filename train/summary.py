@@ -96,7 +96,7 @@ def write_summary(out: Path, recipe, results: list[dict]) -> dict:
             summ = d / "pairs.summary.json"
             entry["pts"] = json.loads(summ.read_text()) if summ.is_file() else {}
         summary["stages"].append(entry)
-        details = []
+        details = [] if entry.get("status") == "completed" else [f"status: {entry.get('status') or 'unknown'}"]
         if entry.get("scores"):
             details.append(", ".join(f"{k} {_fmt(v, 3)}" for k, v in entry["scores"].items()))
         if entry.get("exported"):
