@@ -110,11 +110,15 @@ def _torch_varlen():
 FLASH_DTYPES = (torch.bfloat16, torch.float16)  # flash kernels have no fp32 path
 
 
-def varlen_kernel_available(device: torch.device | str, backend: str, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether packed-document attention on this device and dtype runs a varlen kernel (no dense mask needed)."""
-    if backend != "flash" or torch.device(device).type != "cuda" or dtype not in FLASH_DTYPES:
-        return False
-    return bool(_flash_attn()) or bool(_torch_varlen())
+def attention_kernel(backend: str, device: torch.device | str, dtype: torch.dtype, packed: bool,
+                     decoding: bool = False) -> str:
+    """The kernel attention runs: "flash" (flash-attn), "varlen" (PyTorch's varlen flash kernel, packed documents
+    only) or "sdpa". Flash kernels need CUDA and 16-bit activations; decoding with a KV cache uses SDPA."""
+    if backend != "flash" or decoding or torch.device(device).type != "cuda" or dtype not in FLASH_DTYPES:
+        return "sdpa"
+    if _flash_attn():
+        return "flash"
+    return "varlen" if packed and _torch_varlen() else "sdpa"
 
 
 class Attention(nn.Module):
@@ -137,13 +141,11 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
 
-        fast = self.backend == "flash" and x.is_cuda and x.dtype in FLASH_DTYPES and kv_cache is None
-        flash = _flash_attn() if fast else False
-        varlen = _torch_varlen() if fast and not flash and ctx.cu_seqlens is not None else False
-        if flash:
-            out = self._flash(flash, q, k, v, ctx)  # (B, T, H, hd)
-        elif varlen:
-            out = self._torch_varlen(varlen, q, k, v, ctx)
+        kernel = attention_kernel(self.backend, x.device, x.dtype, ctx.cu_seqlens is not None, kv_cache is not None)
+        if kernel == "flash":
+            out = self._flash(_flash_attn(), q, k, v, ctx)  # (B, T, H, hd)
+        elif kernel == "varlen":
+            out = self._torch_varlen(_torch_varlen(), q, k, v, ctx)
         else:
             out = self._sdpa(q, k, v, ctx)
         return self.wo(out.reshape(B, T, q_size))
@@ -295,7 +297,7 @@ class Transformer(nn.Module):
             return AttnContext(None, T, None)
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        if varlen_kernel_available(device, self.cfg.attn_backend, self.tok_embeddings.weight.dtype):
+        if attention_kernel(self.cfg.attn_backend, device, self.tok_embeddings.weight.dtype, packed=True) != "sdpa":
             return AttnContext(cu_seqlens.to(torch.int32), int(max_seqlen), None)  # no T x T mask on the GPU
         doc = doc_ids_from_cu_seqlens(cu_seqlens, B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()

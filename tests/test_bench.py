@@ -196,16 +196,16 @@ def test_gpu_packed_rows_use_document_boundaries(monkeypatch):
     assert cu.tolist() == [0, 4, 8, 10, 14, 18, 20] and cu.dtype == torch.int32 and longest == 4
     assert bench_gpu.model_config("proxy14b", 4096, 4096).doc_masking is False  # one document fills the row
     assert bench_gpu.model_config("proxy14b", 4096, 1024).doc_masking is True
-    # The kernel named in the table follows the model's own choice.
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(bench_gpu, "flash_available", lambda: False)
+    # The table names the kernel the model itself chooses (model.transformer.attention_kernel).
+    kernel = bench_gpu.transformer_module.attention_kernel
+    cuda, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
+    monkeypatch.setattr(bench_gpu.transformer_module, "_FLASH", False)
     monkeypatch.setattr(bench_gpu.transformer_module, "_TORCH_VARLEN", lambda *a, **k: None)
-    assert [bench_gpu.attn_kernel("flash", cuda, True), bench_gpu.attn_kernel("flash", cuda, False),
-            bench_gpu.attn_kernel("sdpa", cuda, True), bench_gpu.attn_kernel("flash", cpu, True)] == [
-        "varlen", "sdpa", "sdpa", "sdpa"]
-    monkeypatch.setattr(bench_gpu, "flash_available", lambda: True)
-    assert bench_gpu.attn_kernel("flash", cuda, False) == "flash"
-    assert bench_gpu.attn_kernel("flash", cuda, False, torch.float32) == "sdpa"  # flash kernels have no fp32 path
+    assert [kernel("flash", cuda, bf16, True), kernel("flash", cuda, bf16, False), kernel("sdpa", cuda, bf16, True),
+            kernel("flash", cpu, bf16, True), kernel("flash", cuda, torch.float32, True),
+            kernel("flash", cuda, bf16, True, decoding=True)] == ["varlen", "sdpa", "sdpa", "sdpa", "sdpa", "sdpa"]
+    monkeypatch.setattr(bench_gpu.transformer_module, "_FLASH", object())  # flash-attn installed
+    assert kernel("flash", cuda, bf16, False) == kernel("flash", cuda, bf16, True) == "flash"
 
 
 def test_gpu_table_marks_targets_and_failed_rows():

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import sys
 import time
@@ -59,16 +58,6 @@ def packed_cu_seqlens(batch: int, seq_len: int, doc_len: int, device: torch.devi
     return torch.tensor(starts, dtype=torch.int32, device=device), min(doc_len, seq_len)
 
 
-def attn_kernel(backend: str, device: torch.device, packed: bool, dtype: torch.dtype = torch.bfloat16) -> str:
-    """The attention kernel the model will run for this layout (mirrors Attention.forward)."""
-    if backend == "flash" and device.type == "cuda" and dtype in transformer_module.FLASH_DTYPES:
-        if flash_available():
-            return "flash"
-        if packed and transformer_module._torch_varlen():
-            return "varlen"
-    return "sdpa"
-
-
 def planned_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpointing: bool) -> dict:
     """The planner's per-GPU prediction for this layout on one GPU (ZeRO-0), without its reserve and buckets."""
     from train import plan
@@ -103,10 +92,6 @@ class MixedPrecisionAdamW:
             m.grad = None
 
 
-def flash_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -124,7 +109,7 @@ def run_layout(name: str, seq_len: int, doc_len: int, ac: str, args, device: tor
     tokens = micro_batch * seq_len
     row = {"model": Path(name).stem, "seq_len": seq_len, "micro_batch": micro_batch, "ac": checkpointing,
            "ac_every": cfg.checkpoint_every, "doc_len": doc_len if cfg.doc_masking else 0,
-           "attn": attn_kernel(args.attn, device, cfg.doc_masking, DTYPES[args.dtype]),
+           "attn": transformer_module.attention_kernel(args.attn, device, DTYPES[args.dtype], cfg.doc_masking),
            "params": cfg.num_params(), "flops_per_token": cfg.flops_per_token(seq_len),
            "planned_bytes": planned_bytes(cfg, seq_len, micro_batch, checkpointing)}
     model = optimizer = None

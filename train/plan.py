@@ -188,8 +188,8 @@ def plan_stage(cfg: RunConfig, hw: Hardware) -> dict:
         "activation_checkpointing": m.activation_checkpointing,
         "recompute_fraction": (math.ceil(m.n_layers / m.checkpoint_every) / m.n_layers / 3.0
                                if m.activation_checkpointing else 0.0),
-        "checkpointing_label": "activations, " + ("full checkpointing" if m.checkpoint_every == 1
-                                                  else f"checkpointing 1 block in {m.checkpoint_every}"),
+        "checkpointing": ("full checkpointing" if m.checkpoint_every == 1
+                          else f"checkpointing 1 block in {m.checkpoint_every}"),
         "memory_bytes": {**states, "model_states_total": sum(states.values()), **act, **loss,
                          "comm_buckets": comm, "reserve": reserve},
         "total_bytes": total, "configured": configured, "capacity_bytes": hw.capacity_bytes,
@@ -222,13 +222,13 @@ def format_stage(p: dict, title: str = "") -> str:
             ("fp32 grad copy (DeepSpeed step)", "fp32_grad_copy"), ("ZeRO-3 gathered layer", "zero3_gathered_layer"),
             ("= model states", "model_states_total"),
             ("activations, no checkpointing", "activations_no_ac"),
-            (p["checkpointing_label"], "activations_full_ac"),
+            (f"activations, {p['checkpointing']}", "activations_full_ac"),
             ("logits (loss chunk)", "logits"), ("loss gradient buffers", "loss_grad_buffers"),
             ("communication buckets", "comm_buckets"), ("reserve (context, NCCL, fragmentation)", "reserve")]
     for label, key in rows:
         mark = "  <- configured" if key == f"activations_{p['configured']}" else ""
         lines.append(f"  {label:40s} {_gib(mem[key])}{mark}")
-    for key, label in (("full_ac", "with " + p["checkpointing_label"].split(", ")[1]), ("no_ac", "without checkpointing")):
+    for key, label in (("full_ac", f"with {p['checkpointing']}"), ("no_ac", "without checkpointing")):
         total = p["total_bytes"][key]
         verdict = "fits" if p["fits"][key] else f"DOES NOT FIT (short by {(total - cap) / GIB:.1f} GiB)"
         lines.append(f"  total {label:34s} {_gib(total)} of {cap / GIB:.1f} GiB: {verdict}")
