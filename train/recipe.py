@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             summary_only = True
         else:
             overrides.append(a)
+    if only and summary_only:
+        print(f"--stage and --summary are exclusive\n{usage}", file=sys.stderr)
+        return 2
     try:
         recipe = load_config(args[0], overrides, schema=Recipe)
         runner = RecipeRunner(recipe)
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recipe failed: {e}", file=sys.stderr)
         return 1
     if only is None:
-        print(f"[recipe] complete: {Path(recipe.output_dir) / 'summary.md'}")
+        print(f"[recipe] {'summary' if summary_only else 'complete'}: {Path(recipe.output_dir) / 'summary.md'}")
     return 0
 
 
