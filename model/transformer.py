@@ -79,6 +79,7 @@ class KVCache:
 
 _FLASH = None  # resolved lazily: the flash-attn module, or False when unavailable
 _TORCH_VARLEN = None  # resolved lazily: torch.nn.attention.varlen.varlen_attn, or False when this torch lacks it
+_WARNED_DENSE_MASK = False
 
 
 def _flash_attn():
@@ -299,6 +300,12 @@ class Transformer(nn.Module):
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if attention_kernel(self.cfg.attn_backend, device, self.tok_embeddings.weight.dtype, packed=True) != "sdpa":
             return AttnContext(cu_seqlens.to(torch.int32), int(max_seqlen), None)  # no T x T mask on the GPU
+        global _WARNED_DENSE_MASK
+        if torch.device(device).type == "cuda" and not _WARNED_DENSE_MASK:
+            _WARNED_DENSE_MASK = True
+            log.warning("packed documents on the GPU go through SDPA with a dense %d x %d mask per row (attn_backend=%s, "
+                        "%s): flash-attn (pip install -e '.[gpu]') or PyTorch's varlen kernel with 16-bit activations "
+                        "avoid it", T, T, self.cfg.attn_backend, self.tok_embeddings.weight.dtype)
         doc = doc_ids_from_cu_seqlens(cu_seqlens, B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         sdpa_mask = (doc[:, :, None] == doc[:, None, :]) & causal  # (B, T, T) block-diagonal causal

@@ -183,7 +183,7 @@ def test_torch_varlen_path_matches_sdpa_with_test_double():
     torch.testing.assert_close(via_varlen, transformer_module.Attention._sdpa(q, k, v, ctx), atol=1e-5, rtol=1e-5)
 
 
-def test_cuda_packing_with_a_varlen_kernel_builds_no_dense_mask(monkeypatch):
+def test_cuda_packing_with_a_varlen_kernel_builds_no_dense_mask(monkeypatch, caplog):
     """With a varlen kernel on the GPU the T x T mask (256 MB per 16K row) is never built; for SDPA (CPU) it is."""
     model = _model(attn_backend="flash").to(torch.bfloat16)
     cu = torch.tensor([0, 5, 16, 24, 32], dtype=torch.int32)
@@ -194,6 +194,17 @@ def test_cuda_packing_with_a_varlen_kernel_builds_no_dense_mask(monkeypatch):
     assert model._attn_context(2, 16, torch.device("cpu"), cu, None, None, None).sdpa_mask.shape == (2, 1, 16, 16)
     with pytest.raises(RuntimeError, match="without their block-diagonal mask"):
         transformer_module.Attention._sdpa(*(torch.randn(2, h, 16, 16) for h in (4, 2, 2)), ctx)
+
+    # No varlen kernel on a GPU: the dense mask is built, and said once (the build itself needs a GPU, absent here).
+    monkeypatch.setattr(transformer_module, "_TORCH_VARLEN", False)
+    monkeypatch.setattr(transformer_module, "_WARNED_DENSE_MASK", False)
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            try:
+                model._attn_context(2, 16, torch.device("cuda"), cu, None, None, None)
+            except (RuntimeError, AssertionError):  # torch without CUDA
+                pass
+    assert caplog.text.count("dense 16 x 16 mask per row") == 1, caplog.text
 
 
 def test_masked_sdpa_gives_every_query_head_its_kv(monkeypatch):
