@@ -202,3 +202,25 @@ def test_checkpointing_every_nth_block_equals_no_checkpointing(every):
         assert forwards == ([2 if ac and i % every == 0 else 1 for i in range(4)]), forwards  # who is recomputed
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_equal_eager():
+    """train.compile (each block through torch.compile, as train/loop.py does) computes the eager model's loss and
+    gradients, with packed documents, activation checkpointing and lean activations on."""
+    x, labels = torch.randint(0, 512, (2, 24)), torch.randint(0, 512, (2, 24))
+    boundaries = [torch.tensor(c, dtype=torch.int32) for c in ([0, 7, 24, 30, 48], [0, 3, 5, 24, 40, 48])]
+    results = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(**SMALL, activation_checkpointing=True))
+        if compiled:
+            for layer in model.layers:
+                layer.compile()
+        for i, cu in enumerate(boundaries):  # other documents in the next batch: the compiled graph still serves
+            model.zero_grad()
+            loss = model(x, labels=labels, cu_seqlens=cu)
+            loss.backward()
+            results[compiled, i] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+    for i in range(len(boundaries)):
+        _assert_same(results[True, i], results[False, i])
