@@ -209,18 +209,24 @@ def test_compiled_blocks_equal_eager():
     """train.compile (each block through torch.compile, as train/loop.py does) computes the eager model's loss and
     gradients, with packed documents, activation checkpointing and lean activations on."""
     x, labels = torch.randint(0, 512, (2, 24)), torch.randint(0, 512, (2, 24))
-    boundaries = [torch.tensor(c, dtype=torch.int32) for c in ([0, 7, 24, 30, 48], [0, 3, 5, 24, 40, 48])]
-    results = {}
+    boundaries = [torch.tensor(c, dtype=torch.int32)
+                  for c in ([0, 7, 24, 30, 48], [0, 3, 5, 24, 40, 48], [0, 1, 2, 3, 24, 26, 30, 48])]
+    from torch._dynamo.utils import counters
+
+    results, graphs = {}, []
+    counters.clear()
     for compiled in (False, True):
         torch.manual_seed(0)
         model = Transformer(ModelConfig(**SMALL, activation_checkpointing=True))
         if compiled:
             for layer in model.layers:
                 layer.compile()
-        for i, cu in enumerate(boundaries):  # other documents in the next batch: the compiled graph still serves
+        for i, cu in enumerate(boundaries):  # other documents each batch: one recompile (cu_seqlens turns dynamic)
             model.zero_grad()
             loss = model(x, labels=labels, cu_seqlens=cu)
             loss.backward()
             results[compiled, i] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[-2] > 0 and not counters["graph_break"], (graphs, dict(counters["graph_break"]))
     for i in range(len(boundaries)):
         _assert_same(results[True, i], results[False, i])
