@@ -3,11 +3,10 @@ reference log-probs: a preemption landing in the middle of the reference pass, a
 from __future__ import annotations
 
 import os
+import runpy
 import signal
-import sys
 
 import train.dpo as dpo
-from train.loop import main
 
 _compute_ref_logps = dpo.compute_ref_logps
 
@@ -26,4 +25,4 @@ def _signalled_after_first_chunk(*args, **kwargs):
 dpo.compute_ref_logps = _signalled_after_first_chunk
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runpy.run_module("train", run_name="__main__")  # `python -m train`, with its exit
