@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.chat import (ChatDataError, best_fit_rows, cached_arrays, check_layout, pack_segments,
+from data.sft import (ChatDataError, best_fit_rows, cached_arrays, check_layout, pack_segments,
                        read_jsonl, sample_index, samples_consumed, segment_arrays)
 from data.fileio import sha256_file
 from data.mixture import held_out_mask

@@ -50,7 +50,7 @@ import os, shlex, sys
 from pathlib import Path
 
 from train.config import REPO_ROOT, ConfigError, load_config
-from train.recipe import Recipe, RecipeRunner
+from train.recipe.runner import Recipe, RecipeRunner
 
 path, start = sys.argv[1], sys.argv[2]
 try:

@@ -1,4 +1,4 @@
-"""Benchmark plumbing (train.bench, train.bench_gpu): arguments, the comparison's fairness, formulas, reports.
+"""Benchmark plumbing (train.bench.cpu, train.bench.gpu): arguments, the comparison's fairness, formulas, reports.
 
 No timed assertions: speed targets are measured by `python -m train.bench`, never asserted here.
 """

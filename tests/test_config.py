@@ -16,9 +16,9 @@ def schema_for(path: Path):
     from data.decontaminate import DecontaminateConfig
     from data.prepare import PrepareConfig
     from model.config import ModelConfig
-    from train.eval import EvalConfig
-    from train.pts import PTSConfig
-    from train.recipe import Recipe
+    from train.eval.run import EvalConfig
+    from train.pts.run import PTSConfig
+    from train.recipe.runner import Recipe
 
     rel = path.relative_to(REPO_ROOT / "configs")
     if rel.parts[0] == "model":

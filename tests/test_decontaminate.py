@@ -147,7 +147,7 @@ def test_shipped_example_config_loads():
 
 def test_example_config_on_smoke_data(tmp_path):
     """End to end on the built-in smoke corpora: eval questions planted into training data are caught."""
-    from data.smoke import generate
+    from data.smoke.build import generate
     from train.config import load_config
     raw = tmp_path / "raw"
     generate(raw, seed=0, scale="small", organic_code_tokens=2000, organic_text_tokens=2000, organic_long_tokens=0)

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from data.chat import ChatDataError
+from data.sft import ChatDataError
 from data.pairs import EOS_ID, PairBatches
 from data.tokenizer import Phi4Tokenizer
 from model import ModelConfig, Transformer
@@ -178,7 +178,7 @@ def test_cached_and_live_reference_agree_and_an_interrupted_cache_resumes(tmp_pa
 
 
 def test_prepare_reference_refuses_a_cache_of_other_data(tmp_path, tok):
-    from model.hf import to_hf
+    from train.export.hf import to_hf
 
     model = tiny_model()
     to_hf(model, tmp_path / "ref_model")
@@ -260,7 +260,7 @@ def test_stage_checks_fail_before_compute(tmp_path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The smoke data, a short SFT run (the reference), and a 1-rank DPO run on a slice of the smoke pairs."""
-    from data.smoke import generate
+    from data.smoke.build import generate
 
     root = tmp_path_factory.mktemp("dpo_runs")
     generate(root / "raw", seed=0, scale="small")

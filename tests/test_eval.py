@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import train.eval as E
+import train.eval.run as E
 from data.tokenizer import EOD_ID, EOS_ID, Phi4Tokenizer
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -313,7 +313,7 @@ def test_cli_on_a_trained_checkpoint(tok, tmp_path):
 
     state = consolidated_state_dict(resolve_checkpoint_dir(run_dir)[0])
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    from model.hf import to_hf
+    from train.export.hf import to_hf
 
     to_hf(model, tmp_path / "hf")  # an exported directory loads to the same weights
     hf_model, hf_info = E.load_model(tmp_path / "hf", CPU, torch.float32)
@@ -357,7 +357,7 @@ def test_evaluate_in_loop_returns_flat_metrics_and_restores_mode(tok, tmp_path):
 ZERO3_SCRIPT = r'''
 import json, sys
 import deepspeed, torch
-import train.eval as E
+import train.eval.run as E
 from data.tokenizer import Phi4Tokenizer
 from model.transformer import Transformer
 from train.config import load_config

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer
-from model.hf import config_from_hf, from_hf, hf_key_map, to_hf
+from train.export.hf import config_from_hf, from_hf, hf_key_map, to_hf
 
 transformers = pytest.importorskip("transformers")
 from transformers import Phi3Config, Phi3ForCausalLM  # noqa: E402

@@ -14,7 +14,7 @@ import yaml
 
 from model.generate import Generation
 from train.config import REPO_ROOT, ConfigError, load_config
-from train.pts import PTSConfig, PivotalToken, find_pivotal_tokens, main, read_questions, search_question, split_point
+from train.pts.run import PTSConfig, PivotalToken, find_pivotal_tokens, main, read_questions, search_question, split_point
 
 
 class KnownProcess:
@@ -222,7 +222,7 @@ def answer_chain_model(tokenizer, p_seven: float = 0.5):
 @pytest.fixture(scope="module")
 def real_run_inputs(tmp_path_factory):
     from data.tokenizer import Phi4Tokenizer
-    from model.hf import to_hf
+    from train.export.hf import to_hf
 
     root = tmp_path_factory.mktemp("pts")
     tokenizer = Phi4Tokenizer()
@@ -325,7 +325,7 @@ def test_run_dir_of_the_trainer_loads_and_samples(tmp_path):
     """The smoke config's model is a trainer run dir: model config from meta.json, weights from the checkpoint."""
     from tests.train_helpers import check, make_sources, run_train, write_run_config
     from train.checkpoint import consolidated_state_dict, find_latest
-    from train.pts import load_policy
+    from train.pts.run import load_policy
 
     run_dir = tmp_path / "run"
     cfg = write_run_config(tmp_path / "pretrain.yaml", make_sources(tmp_path / "src", docs_per_source=40), run_dir,

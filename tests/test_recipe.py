@@ -48,7 +48,7 @@ def test_pts_writes_pairs_and_dpo_learns_the_preference(smoke_run):
 def test_export_loads_in_transformers_with_the_checkpoints_logits(smoke_run):
     import transformers
 
-    from train.export import load_checkpoint_model
+    from train.export.run import load_checkpoint_model
 
     out, _ = smoke_run
     hf = transformers.AutoModelForCausalLM.from_pretrained(out / "export" / "hf", dtype=torch.float32)

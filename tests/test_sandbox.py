@@ -1,4 +1,4 @@
-"""The sandboxed code oracle (data.sandbox) and the answer oracles (data.answers) that PTS and evals use."""
+"""The sandboxed code oracle (data.verify.sandbox) and the answer oracles (data.verify.answers) that PTS and evals use."""
 import os
 import socket
 import time
@@ -6,9 +6,9 @@ from fractions import Fraction
 
 import pytest
 
-from data.answers import (check_answer, check_choice, check_code, check_code_many, check_item, extract_answer,
+from data.verify.answers import (check_answer, check_choice, check_code, check_code_many, check_item, extract_answer,
                           extract_choice, extract_code, normalize_answer, parse_number)
-from data.sandbox import network_isolation, run_python, run_python_many
+from data.verify.sandbox import network_isolation, run_python, run_python_many
 
 ADD = "def add(a, b):\n    return a + b\n"
 

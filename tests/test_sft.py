@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.chat import (IGNORE_INDEX, PAD_ID, ChatBatches, ChatDataError, best_fit_rows, check_loss_mask,
+from data.sft import (IGNORE_INDEX, PAD_ID, ChatBatches, ChatDataError, best_fit_rows, check_loss_mask,
                        pack_segments)
 from data.tokenizer import Phi4Tokenizer
 from model import ModelConfig, Transformer
@@ -229,7 +229,7 @@ def test_stage_checks_fail_before_compute(tmp_path):
 @pytest.mark.slow
 def test_sft_run_learns_and_evaluates(tmp_path):
     """A real `python -m train` SFT run of the smoke config on the smoke conversations (tiny model, from scratch)."""
-    from data.smoke import generate
+    from data.smoke.build import generate
 
     generate(tmp_path / "raw", seed=0, scale="small")
     run_dir = tmp_path / "sft"

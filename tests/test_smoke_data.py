@@ -1,14 +1,14 @@
-"""Built-in smoke corpora (data.smoke): deterministic, verified, well-formed, and with a disjoint eval split."""
+"""Built-in smoke corpora (data.smoke.build): deterministic, verified, well-formed, and with a disjoint eval split."""
 import json
 import re
 
 import pytest
 
-from data.answers import check_answer, extract_answer
-from data.sandbox import run_python_many
-from data.smoke import SCALES, generate, main
-from data.smoke_code import filter_code_items, make_code_item
-from data.smoke_math import safe_eval
+from data.verify.answers import check_answer, extract_answer
+from data.verify.sandbox import run_python_many
+from data.smoke.build import SCALES, generate, main
+from data.smoke.code_items import filter_code_items, make_code_item
+from data.smoke.math_items import safe_eval
 
 FILES = ["organic_code.jsonl", "organic_text.jsonl", "organic_long.jsonl", "synthetic_math.jsonl",
          "synthetic_code.jsonl", "synthetic_long.jsonl", "sft.jsonl", "dpo.jsonl", "pts_questions.jsonl",

@@ -205,7 +205,7 @@ def test_export_zero3_checkpoint_loads_in_transformers_with_same_logits(referenc
     import torch
     import transformers
 
-    from train.export import load_checkpoint_model
+    from train.export.run import load_checkpoint_model
 
     out = tmp_path / "hf"
     proc = subprocess.run([sys.executable, "-m", "train.export", str(reference_z3), str(out), "--dtype", "fp32"],

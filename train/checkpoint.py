@@ -160,7 +160,7 @@ def init_weights_from(model: torch.nn.Module, source: str, is_main: bool) -> str
     """Weights only (fresh optimizer and schedule): a checkpoint dir, a run dir, or a Hugging Face directory."""
     path = Path(source)
     if (path / "config.json").is_file():
-        from model.hf import from_hf
+        from train.export.hf import from_hf
 
         state = from_hf(path).state_dict() if is_main or not _is_zero3(model) else None
         described = f"Hugging Face directory {path}"

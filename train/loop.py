@@ -266,7 +266,7 @@ class Trainer:
         if not self.cfg.train.eval_config:
             return {}
         from data.tokenizer import Phi4Tokenizer
-        from train.eval import EvalConfig, evaluate
+        from train.eval.run import EvalConfig, evaluate
 
         if not hasattr(self, "_eval_setup"):
             self._eval_setup = (load_config(self.cfg.train.eval_config, schema=EvalConfig), Phi4Tokenizer())

@@ -51,7 +51,7 @@ def build_batch_source(cfg: RunConfig, rank: int, world_size: int):
     if cfg.stage in LM_STAGES:
         return PackedLMBatches(cfg, rank, world_size)
     if cfg.stage == "sft":
-        from data.chat import ChatBatches
+        from data.sft import ChatBatches
 
         return ChatBatches(cfg.data.sft_path, seq_len=cfg.train.seq_len, micro_batch=cfg.train.micro_batch,
                            global_batch=cfg.train.global_batch, rank=rank, world_size=world_size,
@@ -97,7 +97,7 @@ def validate(cfg: RunConfig) -> None:
         if cfg.dpo.beta <= 0 or cfg.dpo.ref_chunk_pairs <= 0:
             raise ConfigError(f"dpo.beta={cfg.dpo.beta} and dpo.ref_chunk_pairs={cfg.dpo.ref_chunk_pairs} must be > 0")
     if cfg.train.eval_config:
-        from train.eval import EvalConfig
+        from train.eval.run import EvalConfig
 
         if not Path(cfg.train.eval_config).is_file():
             raise ConfigError(f"train.eval_config={cfg.train.eval_config!r} is not a file (an EvalConfig YAML)")

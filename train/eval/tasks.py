@@ -1,4 +1,4 @@
-"""Multiple-choice, generative and perplexity evaluation tasks (see `train.eval` for the overview and the CLI).
+"""Multiple-choice, generative and perplexity evaluation tasks (see `train.eval.run` for the overview and the CLI).
 
 Each `eval_*` function takes (model, tokenizer, task config, EvalConfig, device) and returns a result record
 {"task", "kind", "metrics", "samples"?}; every rank runs the same items, so forwards match rank for rank (ZeRO-3 safe).
@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from data.answers import check_answer, check_code_many, extract_answer
+from data.verify.answers import check_answer, check_code_many, extract_answer
 from data.tokenizer import EOD_ID, EOS_ID, PAD_ID
 from model.generate import generate
 from model.transformer import IGNORE_INDEX, Transformer
 from train.config import ConfigError
 
-if TYPE_CHECKING:  # annotations only: train.eval imports this module
-    from train.eval import EvalConfig, GenerativeTask, MultipleChoiceTask, PerplexitySource
+if TYPE_CHECKING:  # annotations only: train.eval.run imports this module
+    from train.eval.run import EvalConfig, GenerativeTask, MultipleChoiceTask, PerplexitySource
 
 log = logging.getLogger("eval")
 STOP_IDS = (EOS_ID, EOD_ID)  # <|im_end|> ends a chat turn, <|endoftext|> a plain document

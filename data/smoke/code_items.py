@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import textwrap
 
-from data.sandbox import run_python_many
+from data.verify.sandbox import run_python_many
 
 
 def _asserts(func: str, cases: list[tuple[tuple, object]]) -> str:

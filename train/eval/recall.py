@@ -8,10 +8,10 @@ import uuid
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from train.eval_tasks import generate_texts
+from train.eval.tasks import generate_texts
 
-if TYPE_CHECKING:  # annotations only: train.eval imports this module
-    from train.eval import EvalConfig, RecallProbe
+if TYPE_CHECKING:  # annotations only: train.eval.run imports this module
+    from train.eval.run import EvalConfig, RecallProbe
 
 
 # ---- long-context recall ----------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import operator
 import random
 from fractions import Fraction
 
-from data.answers import check_answer
+from data.verify.answers import check_answer
 
 NAMES = ["Ava", "Ben", "Chloe", "Dev", "Ema", "Farid", "Gus", "Hana", "Ivo", "Jun", "Kira", "Leo", "Maya", "Nia",
          "Omar", "Pia", "Quinn", "Rosa", "Sami", "Tara"]

@@ -30,9 +30,9 @@ from fractions import Fraction
 from pathlib import Path
 
 from data.fileio import atomic_path, atomic_write
-from data.smoke_code import filter_code_items, make_code_item
-from data.smoke_math import fmt, make_math_item, verify_math_item
-from data.smoke_organic import LONG_CHARS_PER_TOKEN, approx_tokens, harvest_stdlib
+from data.smoke.code_items import filter_code_items, make_code_item
+from data.smoke.math_items import fmt, make_math_item, verify_math_item
+from data.smoke.organic import LONG_CHARS_PER_TOKEN, approx_tokens, harvest_stdlib
 
 LEVEL_WEIGHTS = [0.35, 0.3, 0.2, 0.15]  # difficulty 0..3: mostly easy, so a tiny model learns something
 CODE_SHARE = 0.3  # of SFT / DPO / PTS / eval items that are code rather than maths
@@ -323,7 +323,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pretraining text ~{total:,d} tokens (chars/4); {manifest['dropped_code_items']} code items failed their "
           f"tests and were dropped; {time.monotonic() - start:.1f} s -> {args.out_dir}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

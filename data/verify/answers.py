@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from data.sandbox import run_python_many
+from data.verify.sandbox import run_python_many
 
 LETTERS = "ABCDEFGHIJ"
 

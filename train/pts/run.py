@@ -25,7 +25,7 @@ import torch
 from data.fileio import atomic_path, atomic_write
 from train.config import ConfigError, load_config, to_dict, to_yaml
 # The search itself (pure, no model) lives in train/pts_search.py; its names are part of this module's interface.
-from train.pts_search import PivotalToken, find_pivotal_tokens, split_point  # noqa: F401
+from train.pts.search import PivotalToken, find_pivotal_tokens, split_point  # noqa: F401
 
 SOLUTION_CHOICES = ("sampled", "success", "failure", "both")
 
@@ -290,7 +290,7 @@ def load_policy(path: str, device: torch.device, dtype: torch.dtype):
     from train.config import from_dict
 
     if (Path(path) / "config.json").is_file():
-        from model.hf import from_hf
+        from train.export.hf import from_hf
 
         return from_hf(path, dtype=dtype, device=device).eval()
     tag_dir, meta = resolve_checkpoint_dir(path)
@@ -304,7 +304,7 @@ def load_policy(path: str, device: torch.device, dtype: torch.dtype):
 
 def make_judge(item: dict, tokenizer, cfg: PTSConfig):
     """The question's oracle on response token ids, cached per response text."""
-    from data.answers import check_answer, check_code_many
+    from data.verify.answers import check_answer, check_code_many
 
     eos, cache = set(cfg.eos_ids), {}
 
@@ -415,7 +415,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps({k: v for k, v in summary.items() if k != "this_run"}), file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,7 @@ Tasks (spec section 8), each on jsonl files, each giving one result record:
 - multiple choice by log-likelihood, k-shot (MMLU / ARC style): every choice is scored by the sum of its tokens'
   log-probs after the prompt, and by their mean (length-normalised); `primary` picks which one `accuracy` reports;
 - generative few-shot (GSM8K / MATH style): greedy or sampled completions, plain few-shot text (base models) or the
-  chat template (chat models), checked by `data.answers` (answer match; unit tests in the sandbox for code items);
+  chat template (chat models), checked by `data.verify.answers` (answer match; unit tests in the sandbox for code items);
 - perplexity per source (prepared shards or jsonl text), token-weighted, and aggregated per provenance
   (synthetic vs organic): each document is scored alone, in windows of seq_len, every token after its first once;
 - long-context JSON key-value recall (HELMET's recall task): a JSON object of random UUID pairs filling exactly the
@@ -35,9 +35,9 @@ from data.tokenizer import Phi4Tokenizer
 from model.config import ModelConfig
 from model.transformer import Transformer
 from train.config import ConfigError, WandbConfig, from_dict, load_config, to_dict
-# The tasks live beside this file; their public names are re-exported here (tests and callers use train.eval).
-from train.eval_recall import build_recall_prompt, eval_recall, recall_scores  # noqa: F401
-from train.eval_tasks import (continuation_logprobs, document_nll, eval_generative,  # noqa: F401
+# The tasks live beside this file; their public names are re-exported here (tests and callers use train.eval.run).
+from train.eval.recall import build_recall_prompt, eval_recall, recall_scores  # noqa: F401
+from train.eval.tasks import (continuation_logprobs, document_nll, eval_generative,  # noqa: F401
                               eval_multiple_choice, eval_perplexity, generate_texts, generative_prompt,
                               labelled_nll, mc_prompt, perplexity_documents, read_jsonl)
 
@@ -142,7 +142,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> tu
     """A Transformer from a Hugging Face directory, a checkpoint step dir or a run dir; plus {source, step}."""
     path = Path(path)
     if (path / "config.json").is_file():
-        from model.hf import from_hf
+        from train.export.hf import from_hf
 
         return from_hf(path, dtype=dtype, device=device).eval(), {"source": str(path), "step": None}
     from train.checkpoint import consolidated_state_dict, resolve_checkpoint_dir
@@ -270,7 +270,3 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s = %s", key, f"{value:.4f}" if isinstance(value, float) else value)
     print(f"{len(records)} results -> {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 <checkpoint_dir> is a `step_*` directory or a run directory (its newest complete checkpoint). The ZeRO shards are
 consolidated to fp32, loaded into our Transformer with the checkpoint's own model config, and written by
-`model.hf.to_hf` (config.json, safetensors shards, tokenizer files). Load the result with
+`train.export.hf.to_hf` (config.json, safetensors shards, tokenizer files). Load the result with
 `transformers.AutoModelForCausalLM.from_pretrained(out_dir)`.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from data.tokenizer import Phi4Tokenizer
 from model import ModelConfig, Transformer
-from model.hf import to_hf
+from train.export.hf import to_hf
 from train.checkpoint import consolidated_state_dict, resolve_checkpoint_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -50,7 +50,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,7 @@ loader    MixtureLoader batches/s at 4K and 16K windows, and the data wait as a 
           model's, and the 14B step at 40% MFU on an H100 from the planner's formula).  Target: < 1%.
 mfu       achieved FLOP/s of the training step (ModelConfig.flops_per_token x tokens/s) against the best fp32 GEMM
           rate measured in the same run (MKL and oneDNN): the CPU stand-in for MFU.
-The GPU counterpart is `python -m train.bench_gpu`.
+The GPU counterpart is `python -m train.bench.gpu`.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def hf_twin(model: Transformer):
     """transformers' Phi3ForCausalLM of the same shape holding the same weights (SDPA attention, fp32)."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from model.hf import hf_key_map
+    from train.export.hf import hf_key_map
 
     c = model.cfg
     hf_cfg = Phi3Config(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
@@ -442,7 +442,3 @@ def main(argv=None) -> int:
     if args.json:
         atomic_write(args.json, json.dumps(res, indent=2, default=str))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
 """Pivotal Token Search, the search itself (spec section 6): a pure function of one solution, its log-probs and any
-p(success | prefix) estimator. The runner (rollouts, oracle, files, CLI) is `train.pts`.
+p(success | prefix) estimator. The runner (rollouts, oracle, files, CLI) is `train.pts.run`.
 """
 from __future__ import annotations
 

@@ -90,7 +90,7 @@ class RecipeRunner:
 
     def summarize(self, results: list[dict] | None = None) -> dict:
         """summary.md/.json and plots; without `results`, each stage's record as found on disk ("not run" if none)."""
-        from train.summary import write_summary
+        from train.recipe.summary import write_summary
 
         if results is None:
             results = [self._done(s) or {"name": s.name, "kind": s.kind, "status": "not run"}
@@ -202,7 +202,3 @@ def main(argv: list[str] | None = None) -> int:
     if only is None:
         print(f"[recipe] {'summary' if summary_only else 'complete'}: {Path(recipe.output_dir) / 'summary.md'}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

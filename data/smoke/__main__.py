@@ -1,0 +1,5 @@
+import sys
+
+from data.smoke.build import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from train.bench.cpu import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from train.export.run import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from train.recipe.runner import main
+
+sys.exit(main())
