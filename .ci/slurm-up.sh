@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install and start a real two-node Slurm cluster on this one machine, for tests/test_slurm.py.
+# Install and start a real two-node Slurm cluster on this one machine, for tests/slurm/test_slurm.py.
 #
 # Debian's slurm-wlm (22.05) + munge. One slurmctld and two slurmd daemons ("virtual nodes" n1 and n2, one CPU each,
 # both on 127.0.0.1 with their own ports, spool, pid and log files), so `srun -N 2` runs one task on each node.

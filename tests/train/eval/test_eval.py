@@ -299,7 +299,7 @@ def test_smoke_config_loads_and_bad_values_are_named(tmp_path):
 @pytest.mark.slow
 def test_cli_on_a_trained_checkpoint(tok, tmp_path):
     """A real (1-process) training run; eval loads its newest checkpoint, writes results, samples, offline wandb."""
-    from tests.train_helpers import check, make_sources, run_train, write_run_config
+    from tests.helpers.train import check, make_sources, run_train, write_run_config
 
     sources = make_sources(tmp_path / "shards", docs_per_source=40)
     run_dir = tmp_path / "run"
@@ -391,7 +391,7 @@ def test_in_loop_evaluation_under_zero3_matches_plain_model(tmp_path):
     import subprocess
     import sys
 
-    from tests.train_helpers import REPO, make_sources, write_run_config
+    from tests.helpers.train import REPO, make_sources, write_run_config
 
     sources = make_sources(tmp_path / "shards", docs_per_source=20)
     run_yaml = write_run_config(tmp_path / "run.yaml", sources, tmp_path / "run",

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EOD = 100257
 
 # A model small enough for many multi-process runs on 2 cores, with the real vocabulary.

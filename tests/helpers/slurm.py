@@ -1,8 +1,8 @@
-"""Helpers for tests/test_slurm.py: submit sbatch jobs to the test cluster (.ci/slurm-up.sh) and wait for them.
+"""Helpers for tests/slurm/test_slurm.py: submit sbatch jobs to the test cluster (.ci/slurm-up.sh) and wait for them.
 
 No accounting database runs there, so job state comes from `scontrol show job` (records kept MinJobAge=600 s) and the
 job's log files. Also runnable under torchrun as a tiny distributed job:
-`python -m tests.slurm_helpers <any existing file> out_dir=<dir>` all-reduces over gloo and writes
+`python -m tests.helpers.slurm <any existing file> out_dir=<dir>` all-reduces over gloo and writes
 `<dir>/rank<R>.json` (how the launcher's rendezvous is tested without the trainer).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # The test cluster has no GPUs and one CPU per node; the wrappers' defaults ask for 8 GPUs per node.
 # A short --time needs a short --signal lead, or the warning fires at once (see slurm/README.md).

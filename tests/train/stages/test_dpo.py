@@ -12,7 +12,7 @@ from data.sft import ChatDataError
 from data.pairs import EOS_ID, PairBatches
 from data.tokenizer import Phi4Tokenizer
 from model import ModelConfig, Transformer
-from tests.train_helpers import TEST_MODEL, check, exit_status, metrics, run_train, train_losses
+from tests.helpers.train import TEST_MODEL, check, exit_status, metrics, run_train, train_losses
 from train.config import load_config
 from train.dpo import (RefCacheError, cache_path, compute_ref_logps, load_ref_cache, prepare_reference,
                        preference_loss, sequence_logps)
@@ -324,7 +324,7 @@ def test_preemption_during_the_reference_pass_keeps_finished_chunks_and_resumes(
     run_dir, cache = runs["root"] / "dpo_preempt_ref", runs["root"] / "preempt_ref.pt"
     args = [*runs["dpo_args"], f"output_dir={run_dir}", f"dpo.ref_cache={cache}", "dpo.ref_chunk_pairs=4",
             "train.max_steps=1", "train.save_every=100", "deepspeed.zero_stage=2"]
-    stopped = run_train("configs/smoke/dpo.yaml", args, nproc=2, module="tests.preempt_reference")
+    stopped = run_train("configs/smoke/dpo.yaml", args, nproc=2, module="tests.helpers.preempt_reference")
     check(stopped, expected=1)  # torchrun reports the workers' 75 as 1
     status = exit_status(run_dir)
     assert status["status"] == "preempted" and status["step"] == 0, status

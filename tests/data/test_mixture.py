@@ -14,7 +14,7 @@ from data.mixture import (MixtureError, Schedule, epoch_entries, held_out_mask, 
                           mixture_manifest, validate_mixture)
 from data.shards import ShardWriter
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "configs" / "data" / "phi4_pretrain_mixture.yaml"
 MIDTRAIN = REPO / "configs" / "data" / "phi4_midtrain_mixture.yaml"
 TABLE5 = {"web": 1.2, "web_rewrites": 5.2, "synthetic": 13.8, "code": 2.4, "acquired": 1.7}

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.train_helpers import (REPO, check, exit_status, make_sources, metrics, run_train, train_losses,
+from tests.helpers.train import (REPO, check, exit_status, make_sources, metrics, run_train, train_losses,
                                  write_run_config)
 
 pytestmark = pytest.mark.slow

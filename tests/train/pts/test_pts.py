@@ -323,7 +323,7 @@ def test_bad_config_and_questions_are_explained(tmp_path):
 
 def test_run_dir_of_the_trainer_loads_and_samples(tmp_path):
     """The smoke config's model is a trainer run dir: model config from meta.json, weights from the checkpoint."""
-    from tests.train_helpers import check, make_sources, run_train, write_run_config
+    from tests.helpers.train import check, make_sources, run_train, write_run_config
     from train.checkpoint import consolidated_state_dict, find_latest
     from train.pts.run import load_policy
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.slurm_helpers import (REPO, TEST_SBATCH_OPTS, cancel, cluster_problem, job_info, job_logs, read_metrics,
+from tests.helpers.slurm import (REPO, TEST_SBATCH_OPTS, cancel, cluster_problem, job_info, job_logs, read_metrics,
                                  sbatch, wait_done, wait_state)
-from tests.train_helpers import check, make_sources, run_train, write_run_config
+from tests.helpers.train import check, make_sources, run_train, write_run_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -89,7 +89,7 @@ def test_two_node_rendezvous_allreduce(work):
     dummy = root / "allreduce.yaml"
     dummy.write_text("{}\n")
     job, info, logs = _run_job(work, "pretrain.sbatch", [str(dummy), f"out_dir={out_dir}"], opts=["--nodes=2"],
-                               env={**ENV, "PHI4_MODULE": "tests.slurm_helpers"})
+                               env={**ENV, "PHI4_MODULE": "tests.helpers.slurm"})
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", logs
     recs = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 and r["sum"] == 3.0 for r in recs), recs

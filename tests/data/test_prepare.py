@@ -19,7 +19,7 @@ from data.prepare import PrepareConfig, PrepareError, PrepareSource, prepare_sou
 from data.shards import MANIFEST, PROGRESS, ShardedSource, ShardError
 from data.tokenizer import Phi4Tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EOD = 100257
 TEXTS = [
     "def f(x):\n    return x * 2\n",

@@ -9,7 +9,7 @@ import pytest
 
 from data.decontaminate import DecontaminateConfig, Decontaminator, main, ngram_hashes, normalize, run
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ITEM = ("A cyclist rides 1.8 km to the bakery, buys four loaves of rye bread and three croissants, then rides home "
         "along the river path at twice her earlier speed; if the whole trip took forty minutes, how long did the "
         "ride to the bakery take?")

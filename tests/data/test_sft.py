@@ -13,7 +13,7 @@ from data.sft import (IGNORE_INDEX, PAD_ID, ChatBatches, ChatDataError, best_fit
                        pack_segments)
 from data.tokenizer import Phi4Tokenizer
 from model import ModelConfig, Transformer
-from tests.train_helpers import TEST_MODEL, check, metrics, run_train, train_losses
+from tests.helpers.train import TEST_MODEL, check, metrics, run_train, train_losses
 from train.config import load_config
 
 IM_START, IM_END, IM_SEP = 100264, 100265, 100266

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.train_helpers import REPO, train_losses
+from tests.helpers.train import REPO, train_losses
 
 pytestmark = pytest.mark.slow
 TRAIN_STAGES = ("pretrain", "midtrain", "sft", "dpo_pts", "dpo")
