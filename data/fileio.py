@@ -1,11 +1,13 @@
-"""Write files so that readers never see half of one: temporary name, fsync, rename."""
+"""Files: written so that readers never see half of one (temporary name, fsync, rename); jsonl read with file:line errors."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
@@ -53,3 +55,37 @@ def atomic_path(path: str | os.PathLike):
 def atomic_write(path: str | os.PathLike, content: str | bytes) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(content.encode() if isinstance(content, str) else content)
+
+
+class JsonlError(ValueError):
+    """A jsonl file that cannot be read as asked; the message names the file and line."""
+
+
+def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = (),
+               skip_bad_last_line: bool = False) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line, each a JSON object holding the `required` keys.
+
+    skip_bad_last_line: a last line that is not valid JSON is ignored (a writer killed mid-line left it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise JsonlError(f"{path}: file not found")
+    pending = None  # a bad line that is fine only if nothing but blank lines follows it
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            if pending is not None:
+                raise pending
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                pending = JsonlError(f"{path}:{line_no}: not valid JSON ({e})")
+                if not skip_bad_last_line:
+                    raise pending from None
+                continue
+            if not isinstance(obj, dict):
+                raise JsonlError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+            missing = [k for k in required if k not in obj]
+            if missing:
+                raise JsonlError(f"{path}:{line_no}: missing key(s) {missing}; expected {list(required)}")
+            yield line_no, obj

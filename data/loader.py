@@ -36,9 +36,10 @@ import torch
 
 from data.config import DataConfig
 from data.mixture import Schedule, epoch_entries, held_out_mask, name_key, validate_mixture
+from data.order import LayoutError, SampleCursor
 from data.shards import ShardedSource
+from data.tokenizer import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 STATE_FORMAT = 1
 EPOCHS_CACHED = 2  # per source: the current epoch and the next (a window can straddle them)
 
@@ -136,15 +137,15 @@ class MixtureLoader:
                  world_size: int = 1, doc_masking: bool = True, seed: int | None = None, verify: str = "size",
                  expect_tokenizer: str | None = None):
         validate_mixture(cfg)
-        if seq_len < 1 or micro_batch < 1 or global_batch < 1 or not 0 <= rank < world_size:
-            raise LoaderError(f"bad layout: seq_len={seq_len}, micro_batch={micro_batch}, "
-                              f"global_batch={global_batch}, rank={rank}, world_size={world_size}")
-        if global_batch % (micro_batch * world_size):
-            raise LoaderError(f"global_batch={global_batch} is not divisible by micro_batch={micro_batch} x "
-                              f"world_size={world_size} = {micro_batch * world_size}")
+        if seq_len < 1 or global_batch < 1:
+            raise LoaderError(f"bad layout: seq_len={seq_len}, global_batch={global_batch} (both must be >= 1)")
+        try:
+            self.cursor = SampleCursor(micro_batch, global_batch, rank, world_size)
+        except LayoutError as e:
+            raise LoaderError(str(e)) from None
         self.cfg, self.seq_len, self.doc_masking = cfg, seq_len, doc_masking
         self.micro_batch, self.global_batch, self.rank, self.world_size = micro_batch, global_batch, rank, world_size
-        self.grad_accum = global_batch // (micro_batch * world_size)
+        self.grad_accum = self.cursor.grad_accum
         self.seed = cfg.seed if seed is None else seed
         self.names = [s.name for s in cfg.sources]
         self.provenance = {s.name: s.provenance for s in cfg.sources}
@@ -181,8 +182,6 @@ class MixtureLoader:
         ident = {"format": STATE_FORMAT, "seed": self.seed, "seq_len": seq_len,
                  "held_out_fraction": cfg.held_out_fraction, "sources": identity}
         self.fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-        self._base = 0  # global sample index where the current layout's step 0 starts
-        self._micro = 0  # micro-batches this rank has yielded since _base
 
     # ---- the global order ----------------------------------------------------------------------------
     def window(self, i: int, out: np.ndarray | None = None) -> tuple[str, np.ndarray, list[int]]:
@@ -205,24 +204,20 @@ class MixtureLoader:
         return batch
 
     def sample_index(self, n: int) -> int:
-        """First global sample of this rank's n-th micro-batch (counted from the current base)."""
-        step, m = divmod(n, self.grad_accum)
-        return self._base + step * self.global_batch + (m * self.world_size + self.rank) * self.micro_batch
+        """First global sample of this rank's n-th micro-batch (counted from the last (re)start)."""
+        return self.cursor.first_sample(n)
 
     # ---- iteration and state -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         return self
 
     def __next__(self) -> dict:
-        batch = self.batch_at(self.sample_index(self._micro), self.micro_batch)
-        self._micro += 1
-        return batch
+        return self.batch_at(self.cursor.advance(), self.micro_batch)
 
     @property
     def samples_consumed(self) -> int:
         """Global samples handed out by all ranks together (ranks move in lockstep)."""
-        step, m = divmod(self._micro, self.grad_accum)
-        return self._base + step * self.global_batch + m * self.world_size * self.micro_batch
+        return self.cursor.consumed
 
     def state_dict(self) -> dict:
         return {"format": STATE_FORMAT, "samples_consumed": self.samples_consumed, "seed": self.seed,
@@ -242,7 +237,7 @@ class MixtureLoader:
                               f"{state['fingerprint'][:12]} != {self.fingerprint[:12]}): "
                               + ("; ".join(what) if what else "the sources' shards or selection settings changed")
                               + ". Resuming would repeat or skip data; start a new stage (train.init_from) instead.")
-        self._base, self._micro = int(state["samples_consumed"]), 0
+        self.cursor.restart_at(state["samples_consumed"])
 
     def tokens_by_source(self) -> dict[str, int]:
         counts = self.schedule.counts_before(self.samples_consumed)

@@ -4,19 +4,20 @@ Each line is one pair, in one of two forms:
 - text: `{"prompt": [messages], "chosen": str, "rejected": str}`. prompt ids = apply_chat_template(prompt,
   add_generation_prompt=True); a completion is encode(text) + [<|im_end|> 100265].
 - token ids (Pivotal Token Search, `python -m train.pts`): `{"prompt_ids": [...], "chosen_ids": [...],
-  "rejected_ids": [...]}`, used AS GIVEN: no re-tokenization, no template, no EOS appended (spec section 10 item 9;
-  a PTS prompt is the chat-formatted question plus the partial assistant response, each side one token).
+  "rejected_ids": [...]}`, used AS GIVEN: no re-tokenization, no template, no EOS appended (token boundaries must
+  match the rollout; a PTS prompt is the chat-formatted question plus the partial assistant response, each side one token).
   Other keys (id, metadata) are ignored.
 A pair is two sequences, prompt + chosen and prompt + rejected; only completion tokens are labelled. Pairs whose
 longer sequence exceeds seq_len + 1 tokens are DROPPED (counted, logged), as are pairs whose two sides are equal.
 
 Batches: a micro-batch holds `micro_batch` pairs; their 2 x micro_batch sequences are packed best-fit into rows of
-at most seq_len with document masking (data/chat.py `pack_segments`); rows are as long as the fullest one,
+at most seq_len with document masking (data/packing.py `pack_segments`); rows are as long as the fullest one,
 rounded up to ROW_MULTIPLE. `seq_slot` (rows, T) gives, for every labelled position, the sequence it belongs to
 (2 j + 0 for pair j's chosen side, 2 j + 1 for its rejected side), -1 elsewhere; `pair_ids` are the pairs'
 line-order indices (into the reference log-prob cache); `num_pairs` the count.
 Order: a sample is one pair; epoch e is a permutation of the training pairs seeded by (seed, e); the rank
-slicing, the resumable state and the token cache (`<output_dir>/dpo_tokens/` in the trainer) are data/chat.py's.
+slicing and the resumable state are data/order.py's, the token cache (`<output_dir>/dpo_tokens/` in the trainer)
+data/packing.py's.
 """
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.sft import (ChatDataError, best_fit_rows, cached_arrays, check_layout, pack_segments,
-                       read_jsonl, sample_index, samples_consumed, segment_arrays)
-from data.fileio import sha256_file
+from data.fileio import JsonlError, read_jsonl, sha256_file
 from data.mixture import held_out_mask
-from data.tokenizer import EOS_ID, VOCAB_SIZE  # EOS <|im_end|> ends a text completion
+from data.order import LayoutError, SampleCursor, check_seq_len
+from data.packing import (ChatDataError, best_fit_rows, cached_arrays, order_state, pack_segments, restore_order,
+                          segment_arrays)
+from data.tokenizer import EOS_ID, IGNORE_INDEX, VOCAB_SIZE  # EOS <|im_end|> ends a text completion
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +82,14 @@ def load_pairs(path: str | Path, tokenizer) -> tuple[dict[str, np.ndarray], dict
     """Every pair of a file: arrays (flat `tokens` int32, `bounds` (n, 4) offsets of prompt | chosen | rejected)
     and meta (`forms` counted, `tokenizer`: its fingerprint, or 'token-ids-as-given' when no pair is text)."""
     parts, lengths, forms = [], [], {"ids": 0, "text": 0}
-    for line_no, obj in read_jsonl(path):
-        prompt, chosen, rejected, form = parse_pair(obj, f"{path}:{line_no}", tokenizer)
-        parts += [prompt, chosen, rejected]
-        lengths.append((len(prompt), len(chosen), len(rejected)))
-        forms[form] += 1
+    try:
+        for line_no, obj in read_jsonl(path):
+            prompt, chosen, rejected, form = parse_pair(obj, f"{path}:{line_no}", tokenizer)
+            parts += [prompt, chosen, rejected]
+            lengths.append((len(prompt), len(chosen), len(rejected)))
+            forms[form] += 1
+    except JsonlError as e:
+        raise ChatDataError(str(e)) from None
     if not lengths:
         raise ChatDataError(f"{path}: no preference pairs")
     flat = np.cumsum(np.concatenate([[0], np.asarray(lengths, dtype=np.int64).reshape(-1)]))
@@ -97,15 +102,19 @@ def load_pairs(path: str | Path, tokenizer) -> tuple[dict[str, np.ndarray], dict
 class PairBatches:
     """This rank's DPO micro-batches (micro_batch pairs each), endlessly over epochs; resumable by pairs consumed.
 
-    token_cache: a directory for the tokenized pairs (data/chat.py `cached_arrays`); None = tokenize in memory.
+    token_cache: a directory for the tokenized pairs (data/packing.py `cached_arrays`); None = tokenize in memory.
     """
 
     def __init__(self, path: str | Path, seq_len: int, micro_batch: int, global_batch: int, rank: int = 0,
                  world_size: int = 1, seed: int = 1234, held_out_fraction: float = 0.0, tokenizer=None,
                  token_cache: str | Path | None = None):
-        check_layout(seq_len, micro_batch, global_batch, rank, world_size)
+        try:
+            check_seq_len(seq_len)
+            self.cursor = SampleCursor(micro_batch, global_batch, rank, world_size)
+        except LayoutError as e:
+            raise ChatDataError(str(e)) from None
         self.path, self.seq_len, self.seed = Path(path), seq_len, seed
-        self.micro_batch, self.global_batch, self.rank, self.world_size = micro_batch, global_batch, rank, world_size
+        self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         if not self.path.is_file():
             raise ChatDataError(f"{path}: file not found")
         if tokenizer is None:
@@ -137,9 +146,6 @@ class PairBatches:
                          "template": _template_fingerprint(), "max_tokens": seq_len, "num_pairs": self.num_pairs}
         ident = {**self.identity, "state_format": STATE_FORMAT, "seed": seed, "held_out_fraction": held_out_fraction}
         self.fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-        self.ref_logps: torch.Tensor | None = None  # (num_pairs, 2) float64, set by train.dpo before training
-        self.resumed = False
-        self._base, self._micro = 0, 0
         self._perm: tuple[int, np.ndarray] | None = None
         log.info("%s: %d pairs (%s), %d train, %d held out, skipped %s", path, self.num_pairs, self.forms,
                  len(self.train_ids), len(self.held_ids), self.skipped)
@@ -165,7 +171,7 @@ class PairBatches:
                 segments.append(segment_arrays(ids, target))
         rows = best_fit_rows(np.array([len(s[0]) for s in segments]), self.seq_len)
         batch, seg = pack_segments(segments, rows, self.seq_len, trim_to=ROW_MULTIPLE)
-        batch["seq_slot"] = torch.from_numpy(np.where(batch["labels"].numpy() != -100, seg, -1))
+        batch["seq_slot"] = torch.from_numpy(np.where(batch["labels"].numpy() != IGNORE_INDEX, seg, -1))
         batch["pair_ids"] = torch.as_tensor(np.asarray(pair_ids, dtype=np.int64))
         batch["num_pairs"] = len(pair_ids)
         return batch
@@ -182,29 +188,19 @@ class PairBatches:
         return self
 
     def __next__(self) -> dict:
-        first = sample_index(self._micro, self._base, self.global_batch, self.micro_batch, self.rank,
-                             self.world_size)
-        self._micro += 1
+        first = self.cursor.advance()
         return self.pairs_batch([self.pair_at(first + j) for j in range(self.micro_batch)])
 
     @property
     def samples_consumed(self) -> int:
-        return samples_consumed(self._micro, self._base, self.global_batch, self.micro_batch, self.world_size)
+        return self.cursor.consumed
 
     def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "kind": "dpo", "samples_consumed": self.samples_consumed,
-                "fingerprint": self.fingerprint}
+        return order_state("dpo", STATE_FORMAT, self.cursor, self.fingerprint)
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("kind") != "dpo" or state.get("format") != STATE_FORMAT:
-            raise ChatDataError(f"DPO data state {state!r:.200} is not a DPO state of format {STATE_FORMAT}")
-        if state["fingerprint"] != self.fingerprint:
-            raise ChatDataError(
-                f"DPO data state does not match {self.path} (fingerprint {state['fingerprint'][:12]} != "
-                f"{self.fingerprint[:12]}): the file, tokenizer, train.seq_len, data.seed or data.held_out_fraction "
-                "changed. Resuming would repeat or skip pairs; start a new run instead.")
-        self._base, self._micro = int(state["samples_consumed"]), 0
-        self.resumed = True
+        restore_order(state, "dpo", STATE_FORMAT, self.cursor, self.fingerprint, self.path,
+                      "the file, tokenizer, train.seq_len, data.seed or data.held_out_fraction")
 
     def metrics(self) -> dict:
         return {"data/epoch": self.samples_consumed / len(self.train_ids), "data/pairs_consumed": self.samples_consumed}

@@ -26,6 +26,7 @@ BOS_ID = 100_257  # <|endoftext|>
 EOS_ID = 100_265  # <|im_end|>
 PAD_ID = 100_349  # <|dummy_85|>; never eos, or collators masking pad would drop <|im_end|> from the labels
 EOD_ID = 100_257  # appended after every pretraining document
+IGNORE_INDEX = -100  # a label that takes no loss (torch's cross-entropy default; model.loss uses the same value)
 ROLES = ("system", "user", "assistant")
 
 # cl100k pre-tokenisation regex (tiktoken's own, with possessive quantifiers for its regex engine).

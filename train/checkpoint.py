@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data.fileio import atomic_write, fsync_dir
+from train.distributed import barrier, is_zero3
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,6 @@ def checkpoint_root(output_dir: str | os.PathLike) -> Path:
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _fsync_tree(path: Path) -> None:
@@ -57,19 +52,19 @@ def save(engine, output_dir, step: int, client_state: dict, meta: dict, keep_las
     tag_dir = root / tag
     if is_main and (tag_dir / META).exists():
         (tag_dir / META).unlink()  # re-saving a step: it is incomplete until rewritten
-    _barrier()
+    barrier()
     # universal_checkpoint_info lets ds_to_universal convert this checkpoint for another world size.
     client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {
         UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     if local_main:
         _fsync_tree(tag_dir)
-    _barrier()
+    barrier()
     if is_main:
         atomic_write(tag_dir / META, json.dumps({**meta, "step": step, "tag": tag}, indent=2))
         atomic_write(root / LATEST, tag)
         _prune(root, keep_last)
-    _barrier()
+    barrier()
     return tag_dir
 
 
@@ -130,7 +125,7 @@ def to_universal(tag_dir: Path, is_main: bool) -> Path:
         if proc.returncode != 0:
             raise RuntimeError(f"ds_to_universal failed for {tag_dir}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         atomic_write(out / "complete", "ok")
-    _barrier()
+    barrier()
     return out
 
 
@@ -156,29 +151,46 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in sd.items()}
 
 
+def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32):
+    """Our Transformer, in eval mode, from a Hugging Face directory, a checkpoint step dir or a run dir (its newest
+    complete checkpoint); and {source, step, meta} (meta: the checkpoint's meta.json, None for an HF directory)."""
+    from model import ModelConfig, Transformer
+    from train.config import from_dict
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        from train.export.hf import from_hf
+
+        return from_hf(path, dtype=dtype, device=device).eval(), {"source": str(path), "step": None, "meta": None}
+    tag_dir, meta = resolve_checkpoint_dir(path)
+    if "model" not in meta.get("config", {}):
+        raise ValueError(f"{tag_dir}/{META}: no config.model; cannot rebuild the model")
+    with torch.device("meta"):
+        model = Transformer(from_dict(meta["config"]["model"], schema=ModelConfig))  # tensors assigned below
+    model.load_state_dict(consolidated_state_dict(tag_dir), strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval(), {"source": str(tag_dir), "step": meta.get("step"),
+                                                         "meta": meta}
+
+
 def init_weights_from(model: torch.nn.Module, source: str, is_main: bool) -> str:
     """Weights only (fresh optimizer and schedule): a checkpoint dir, a run dir, or a Hugging Face directory."""
     path = Path(source)
     if (path / "config.json").is_file():
         from train.export.hf import from_hf
 
-        state = from_hf(path).state_dict() if is_main or not _is_zero3(model) else None
+        state = from_hf(path).state_dict() if is_main or not is_zero3(model) else None
         described = f"Hugging Face directory {path}"
     else:
         tag_dir, _ = resolve_checkpoint_dir(path)
-        state = consolidated_state_dict(tag_dir) if is_main or not _is_zero3(model) else None
+        state = consolidated_state_dict(tag_dir) if is_main or not is_zero3(model) else None
         described = f"checkpoint {tag_dir}"
-    if _is_zero3(model):
+    if is_zero3(model):
         _load_zero3(model, state, is_main)
     else:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise RuntimeError(f"init_from {described}: missing keys {missing}, unexpected keys {unexpected}")
     return described
-
-
-def _is_zero3(model: torch.nn.Module) -> bool:
-    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def _load_zero3(model: torch.nn.Module, state: dict | None, is_main: bool) -> None:

@@ -1,69 +1,17 @@
-"""Process group, device and precision, the generated DeepSpeed config, the optimizer, the LR schedule, the engine."""
+"""The generated DeepSpeed config, the model built for a ZeRO stage, the optimizer, the LR schedule, the engine."""
 from __future__ import annotations
 
 import logging
 import math
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from model import ModelConfig, Transformer
 from train.config import RunConfig, grad_accum_steps
+from train.distributed import DistState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    precision: str  # bf16 | fp32
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_distributed(cfg: RunConfig) -> Dist:
-    """gloo on CPU, NCCL on GPUs; a single process still gets a (world size 1) group for DeepSpeed."""
-    import deepspeed
-
-    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if want_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
-    deepspeed.init_distributed(dist_backend="nccl" if want_cuda else "gloo")
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if want_cuda else "fp32"
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, precision)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_universal: bool = False) -> dict:
@@ -99,13 +47,13 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_unive
     return config
 
 
-def build_model(model_cfg: ModelConfig, ds_config: dict, dist_info: Dist) -> Transformer:
+def build_model(model_cfg: ModelConfig, ds_config: dict, dist_state: DistState) -> Transformer:
     """ZeRO-3 builds under deepspeed.zero.Init so the full model never exists on one rank."""
     import deepspeed
 
     if ds_config["zero_optimization"]["stage"] != 3:
-        dtype = torch.bfloat16 if dist_info.precision == "bf16" else torch.float32
-        return Transformer(model_cfg).to(device=dist_info.device, dtype=dtype)
+        dtype = torch.bfloat16 if dist_state.precision == "bf16" else torch.float32
+        return Transformer(model_cfg).to(device=dist_state.device, dtype=dtype)
     # No explicit dtype: zero.Init takes it from the config's bf16 switch. (An explicit float32 is mis-parsed as
     # bfloat16 on CPU by DeepSpeed 0.19's `dtype or fp16 if ... else bf16` precedence.)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -116,7 +64,7 @@ def build_model(model_cfg: ModelConfig, ds_config: dict, dist_info: Dist) -> Tra
         params = list(module.parameters(recurse=False))
         if params:
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                if dist_info.is_main:
+                if dist_state.is_main:
                     model.init_module(module)
     return model
 

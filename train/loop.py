@@ -1,6 +1,6 @@
 """One training loop for every stage: `python -m train <config.yaml> [key=value ...]` (also under torchrun).
 
-The stage picks the batch source and the loss in `train/stages.py`; everything else (DeepSpeed engine, token-weighted
+The stage object (train/stages/) brings the batch source and the loss; everything else (DeepSpeed engine, token-weighted
 gradient accumulation, NaN guard, checkpoints, signals, logging) is shared.
 Exit codes: 0 done, 2 configuration error (before any process group starts), 75 stopped by SIGTERM/SIGUSR1 after
 saving a checkpoint (requeue and resume), 1 any other failure. The same status is written to
@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -21,43 +20,18 @@ import torch
 import torch.distributed as dist
 
 from data.fileio import atomic_write
-from train import checkpoint, stages
+from data.tokenizer import PAD_ID
+from train import checkpoint
 from train.config import REPO_ROOT, ConfigError, RunConfig, grad_accum_steps, load_config, save_config, to_dict
-from train.engine import build_engine, build_model, deepspeed_config, env_world_size, init_distributed
+from train.distributed import (StoppedBeforeTraining, StopRequested, all_reduce_sum, env_world_size,
+                               init_distributed, to_device)
+from train.engine import build_engine, build_model, deepspeed_config
 from train.metrics import MetricsLogger, git_commit, memory_gb, peak_tflops
+from train.stages.build import build_stage, validate
 
 log = logging.getLogger("train")
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_REQUEUE = 0, 1, 2, 75
 USAGE = "usage: python -m train <config.yaml> [key=value ...]   (or: torchrun --nproc_per_node N -m train ...)"
-
-
-class StopRequested:
-    """Set by SIGTERM / SIGUSR1; every rank agrees on it at the end of each step."""
-
-    def __init__(self):
-        self.signal = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-
-    def agreed(self, device) -> bool:
-        flag = torch.tensor([float(self.signal)], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
-
-
-def _all_reduce_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 class Trainer:
@@ -70,9 +44,9 @@ class Trainer:
         cfg = self.cfg
         world = env_world_size()
         # Validate the data before a process group or a model exists.
-        self.batches = stages.build_batch_source(cfg, rank=int(os.environ.get("RANK", 0)),
-                                                 world_size=world)
-        self.dist = d = init_distributed(cfg)
+        self.stage = build_stage(cfg, rank=int(os.environ.get("RANK", 0)), world_size=world)
+        self.batches = self.stage.batches
+        self.dist_state = d = init_distributed(cfg.train.device, cfg.train.precision)
         logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING,
                             format=f"%(asctime)s [rank{d.rank}] %(name)s: %(message)s", force=True)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -95,7 +69,6 @@ class Trainer:
             for layer in model.layers:
                 layer.compile()
         self.engine, self.optimizer, self.scheduler = build_engine(cfg, model, ds_config)
-        self.loss_fn = stages.loss_function(cfg, self.engine, self.batches)
 
         self.step, self.tokens_seen, self.skipped = 0, 0, 0
         if resume is not None:
@@ -110,8 +83,9 @@ class Trainer:
         elif cfg.train.resume == "auto" and (self.run_dir / "checkpoints").is_dir():
             log.warning("train.resume=auto: no complete checkpoint in %s; starting from step 0", self.run_dir)
         try:  # e.g. DPO's reference log-prob cache; a preemption signal stops it between chunks
-            stages.before_training(cfg, self.engine, self.batches, d, should_stop=lambda: self.stop.agreed(d.device))
-        except stages.StoppedBeforeTraining as e:
+            self.stage.before_training(self.engine, d, resumed=resume is not None,
+                                       should_stop=lambda: self.stop.agreed(d.device))
+        except StoppedBeforeTraining as e:
             log.warning("stopping before the first step (signal %d): %s; exit %d", self.stop.signal, e, EXIT_REQUEUE)
             self._exit_status("preempted", self.step, str(e))
             self._leave_process_group()
@@ -138,7 +112,7 @@ class Trainer:
             dist.destroy_process_group()
 
     def _loop(self) -> int:
-        cfg, d = self.cfg, self.dist
+        cfg, d = self.cfg, self.dist_state
         bad_in_row, start_step = 0, self.step
         while self.step < cfg.train.max_steps:
             t_start = time.perf_counter()
@@ -176,10 +150,10 @@ class Trainer:
 
     def _train_step(self, micro: list[dict]) -> dict:
         """Loss averaged over the global batch's loss units (labelled tokens for LM stages, pairs for DPO)."""
-        cfg, d, engine = self.cfg, self.dist, self.engine
-        local_units = float(sum(stages.loss_units(mb) for mb in micro))
-        local_tokens = float(sum(stages.input_tokens(mb) for mb in micro))
-        n_units, n_tokens = _all_reduce_sum([local_units, local_tokens], d.device)
+        cfg, d, engine = self.cfg, self.dist_state, self.engine
+        local_units = float(sum(self.stage.loss_units(mb) for mb in micro))
+        local_tokens = float(sum(int((mb["input_ids"] != PAD_ID).sum()) for mb in micro))  # real, not padding
+        n_units, n_tokens = all_reduce_sum([local_units, local_tokens], d.device)
         if n_units == 0:
             raise RuntimeError(f"step {self.step + 1}: the global batch has nothing to learn from (all labels -100)")
         # DeepSpeed divides by accumulation steps and averages over ranks; undo both so the gradient is
@@ -189,7 +163,7 @@ class Trainer:
         grad_norm = None
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         for i, mb in enumerate(micro):
-            loss, stats = self.loss_fn(_to_device(mb, d.device))
+            loss, stats = self.stage.loss(engine, to_device(mb, d.device))
             if self.step + 1 in cfg.train.debug_nan_steps:
                 loss = loss * float("nan")  # fault injection for tests
             loss_sum += loss.detach().double()
@@ -199,7 +173,7 @@ class Trainer:
             if i == len(micro) - 1 and cfg.deepspeed.zero_stage == 0:
                 grad_norm = self._local_grad_norm()  # stage 0: gradients are already all-reduced here
             engine.step()
-        total_loss, *extra_sums = _all_reduce_sum([loss_sum.item(), *extras.values()], d.device)
+        total_loss, *extra_sums = all_reduce_sum([loss_sum.item(), *extras.values()], d.device)
         if grad_norm is None:
             norm = engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else float("nan")
@@ -211,7 +185,7 @@ class Trainer:
                   "grad_norm": grad_norm, "tokens_seen": self.tokens_seen,
                   "train/skipped_steps": self.skipped, "train/ds_skipped_steps": int(engine.skipped_steps),
                   "bad": skipped or not math.isfinite(loss) or not math.isfinite(grad_norm)}
-        values.update(stages.step_metrics(dict(zip(extras, extra_sums)), n_units, cfg))
+        values.update(self.stage.step_metrics(dict(zip(extras, extra_sums)), n_units))
         if values["bad"]:
             log.warning("step %d: non-finite loss %.4g / grad norm %.4g: update skipped", self.step + 1, loss,
                         grad_norm)
@@ -226,7 +200,7 @@ class Trainer:
         return float(torch.linalg.vector_norm(norms))  # one device sync, not one per parameter
 
     def _log(self, values: dict, step_time: float, data_time: float) -> None:
-        cfg, d = self.cfg, self.dist
+        cfg, d = self.cfg, self.dist_state
         tokens_per_s = self._step_tokens / step_time
         tflops = cfg.model.flops_per_token(cfg.train.seq_len) * tokens_per_s / d.world_size / 1e12
         values.update({
@@ -252,10 +226,10 @@ class Trainer:
         for name, batches in held_out.items():  # this rank's share; every rank has the same count (ZeRO-3)
             sums = [0.0, 0.0]
             for mb in batches:
-                loss, _ = self.loss_fn(_to_device(mb, self.dist.device))
+                loss, _ = self.stage.loss(self.engine, to_device(mb, self.dist_state.device))
                 sums[0] += float(loss)
-                sums[1] += stages.loss_units(mb)
-            total, count = _all_reduce_sum(sums, self.dist.device)
+                sums[1] += self.stage.loss_units(mb)
+            total, count = all_reduce_sum(sums, self.dist_state.device)
             results[f"eval/loss/{name}"] = total / max(count, 1)
         self.engine.train()
         self.metrics.log(self.step, results)
@@ -266,15 +240,16 @@ class Trainer:
         if not self.cfg.train.eval_config:
             return {}
         from data.tokenizer import Phi4Tokenizer
-        from train.eval.run import EvalConfig, evaluate
+        from train.eval.config import EvalConfig
+        from train.eval.run import evaluate
 
         if not hasattr(self, "_eval_setup"):
             self._eval_setup = (load_config(self.cfg.train.eval_config, schema=EvalConfig), Phi4Tokenizer())
         eval_cfg, tokenizer = self._eval_setup
-        return evaluate(self.engine.module, tokenizer, eval_cfg, self.dist.device)  # same work on every rank
+        return evaluate(self.engine.module, tokenizer, eval_cfg, self.dist_state.device)  # same work on every rank
 
     def _save(self) -> None:
-        d = self.dist
+        d = self.dist_state
         client_state = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped,
                         "data": self.batches.state_dict(), "rng": {"torch": torch.get_rng_state()},
                         "config": to_dict(self.cfg)}
@@ -286,7 +261,7 @@ class Trainer:
         log.info("saved checkpoint %s", tag_dir)
 
     def _exit_status(self, status: str, step: int, message: str = "") -> None:
-        if self.dist.is_main:
+        if self.dist_state.is_main:
             atomic_write(self.run_dir / "exit_status.json",
                          json.dumps({"status": status, "step": step, "message": message, "time": time.time()}))
 
@@ -299,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args[0], args[1:])
         grad_accum_steps(cfg, env_world_size())
-        stages.validate(cfg)
+        validate(cfg)
     except (ConfigError, FileNotFoundError) as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG

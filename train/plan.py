@@ -43,14 +43,15 @@ from pathlib import Path
 import yaml
 
 from train.config import REPO_ROOT, STAGES, ConfigError, RunConfig, load_config
+from train.metrics import GPU_PEAK_TFLOPS
 
 GIB = 2**30
-# name -> (usable memory in GiB as torch.cuda reports it, dense bf16 peak TFLOP/s from NVIDIA datasheets)
+# name -> (usable memory in GiB as torch.cuda reports it, dense bf16 peak TFLOP/s)
 GPUS = {
-    "h100-80gb": (79.2, 989.0),
-    "h200": (139.7, 989.0),
-    "a100-80gb": (79.2, 312.0),
-    "a100-40gb": (39.4, 312.0),
+    "h100-80gb": (79.2, GPU_PEAK_TFLOPS["H100"]),
+    "h200": (139.7, GPU_PEAK_TFLOPS["H200"]),
+    "a100-80gb": (79.2, GPU_PEAK_TFLOPS["A100"]),
+    "a100-40gb": (39.4, GPU_PEAK_TFLOPS["A100"]),
 }
 ACT_BYTES_AC = 2  # x s b h per layer: the checkpointed block input, 16-bit
 ZERO3_PREFETCH_ELEMENTS = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size default

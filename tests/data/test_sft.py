@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.sft import (IGNORE_INDEX, PAD_ID, ChatBatches, ChatDataError, best_fit_rows, check_loss_mask,
-                       pack_segments)
+from data.packing import ChatDataError, best_fit_rows, pack_segments
+from data.sft import ChatBatches, check_loss_mask
+from data.tokenizer import IGNORE_INDEX, PAD_ID
 from data.tokenizer import Phi4Tokenizer
 from model import ModelConfig, Transformer
 from tests.helpers.train import TEST_MODEL, check, metrics, run_train, train_losses
@@ -209,21 +210,21 @@ def test_shipped_sft_configs_load():
 
 
 def test_stage_checks_fail_before_compute(tmp_path):
-    from train import stages
+    from train.stages.build import validate
     from train.config import ConfigError
 
     data = write_chats(tmp_path / "c.jsonl", [conversation(1)])
     ok = load_config("configs/smoke/sft.yaml", [f"data.sft_path={data}", "train.init_from=''"])
-    stages.validate(ok)
+    validate(ok)
     for overrides, expected in ((["data.sft_path=nope.jsonl"], "data.sft_path"),
                                 (["model.doc_masking=false"], "doc_masking"),
                                 ([f"train.init_from={tmp_path / 'missing'}"], "does not exist")):
         cfg = load_config("configs/smoke/sft.yaml", [f"data.sft_path={data}", "train.init_from=''", *overrides])
         with pytest.raises(ConfigError, match=expected):
-            stages.validate(cfg)
+            validate(cfg)
     unpacked = load_config("configs/smoke/sft.yaml", [f"data.sft_path={data}", "train.init_from=''",
                                                        "model.doc_masking=false", "data.pack=false"])
-    stages.validate(unpacked)  # one conversation per row needs no document masking
+    validate(unpacked)  # one conversation per row needs no document masking
 
 
 @pytest.mark.slow

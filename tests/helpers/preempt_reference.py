@@ -6,9 +6,9 @@ import os
 import runpy
 import signal
 
-import train.dpo as dpo
+import train.stages.ref_cache as ref_cache
 
-_compute_ref_logps = dpo.compute_ref_logps
+_compute_ref_logps = ref_cache.compute_ref_logps
 
 
 def _signalled_after_first_chunk(*args, **kwargs):
@@ -22,7 +22,7 @@ def _signalled_after_first_chunk(*args, **kwargs):
     return _compute_ref_logps(*args, on_chunk=on_chunk, **kwargs)
 
 
-dpo.compute_ref_logps = _signalled_after_first_chunk
+ref_cache.compute_ref_logps = _signalled_after_first_chunk
 
 if __name__ == "__main__":
     runpy.run_module("train", run_name="__main__")  # `python -m train`, with its exit

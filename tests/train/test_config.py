@@ -16,7 +16,7 @@ def schema_for(path: Path):
     from data.decontaminate import DecontaminateConfig
     from data.prepare import PrepareConfig
     from model.config import ModelConfig
-    from train.eval.run import EvalConfig
+    from train.eval.config import EvalConfig
     from train.pts.run import PTSConfig
     from train.recipe.runner import Recipe
 

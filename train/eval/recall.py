@@ -6,12 +6,9 @@ from __future__ import annotations
 import random
 import uuid
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
+from train.eval.config import EvalConfig, RecallProbe
 from train.eval.tasks import generate_texts
-
-if TYPE_CHECKING:  # annotations only: train.eval.run imports this module
-    from train.eval.run import EvalConfig, RecallProbe
 
 
 # ---- long-context recall ----------------------------------------------------------------------------------------

@@ -24,137 +24,19 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from data.config import PROVENANCES
-from data.fileio import atomic_write
+from data.fileio import JsonlError, atomic_write, read_jsonl
 from data.tokenizer import Phi4Tokenizer
-from model.config import ModelConfig
 from model.transformer import Transformer
-from train.config import ConfigError, WandbConfig, from_dict, load_config, to_dict
-# The tasks live beside this file; their public names are re-exported here (tests and callers use train.eval.run).
-from train.eval.recall import build_recall_prompt, eval_recall, recall_scores  # noqa: F401
-from train.eval.tasks import (continuation_logprobs, document_nll, eval_generative,  # noqa: F401
-                              eval_multiple_choice, eval_perplexity, generate_texts, generative_prompt,
-                              labelled_nll, mc_prompt, perplexity_documents, read_jsonl)
+from train.checkpoint import load_model
+from train.config import ConfigError, load_config, to_dict
+from train.distributed import DTYPES, resolve_device, resolve_precision
+from train.eval.config import EvalConfig
+from train.eval.recall import eval_recall
+from train.eval.tasks import eval_generative, eval_multiple_choice, eval_perplexity
 
 log = logging.getLogger("eval")
-
-
-@dataclass
-class MultipleChoiceTask:
-    name: str = ""
-    path: str = ""  # jsonl rows {"question", "choices": [...], "answer": index}
-    k_shot: int = 0
-    fewshot_path: str = ""  # shots = its first k rows; empty = the first k rows of `path` (then not scored)
-    format: str = "text"  # text: score each choice's text (ARC) | letters: list choices as A-D, score the letter (MMLU)
-    primary: str = "mean"  # the score `accuracy` uses: mean (per-token, length-normalised) | sum
-    limit: int = 0  # 0 = every item
-
-
-@dataclass
-class GenerativeTask:
-    name: str = ""
-    path: str = ""  # jsonl rows {"question" or "messages", "answer", "oracle"?: math|code, "tests"?}
-    k_shot: int = 0
-    fewshot_path: str = ""  # rows with "question" and "solution" (or "answer"); empty = first k rows of `path`
-    prompt: str = "plain"  # plain few-shot text (base models) | chat (the chat template; chat models)
-    temperature: float = 0.0  # 0 = greedy; simple-evals use 0.5
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    num_samples: int = 1  # completions per item; accuracy is averaged over them
-    limit: int = 0
-
-
-@dataclass
-class PerplexitySource:
-    name: str = ""
-    path: str = ""  # prepared shard directory (manifest.json) or a .jsonl file
-    provenance: str = ""  # synthetic | organic; shards: read from the manifest (must agree when given)
-    text_field: str = "text"  # jsonl only
-    held_out_fraction: float = 0.0  # shards: score only the documents the loader holds out (same seed); 0 = all
-    seed: int = 1234  # the run's data.seed, so the held-out documents are the loader's
-    max_docs: int = 0  # 0 = no cap
-    max_tokens: int = 0  # 0 = no cap
-
-
-@dataclass
-class RecallProbe:
-    lengths: list[int] = field(default_factory=lambda: [4096, 8192, 16384])  # prompt tokens; empty = off
-    samples: int = 5  # probes per length
-    prompt: str = "plain"  # plain | chat
-    seed: int = 0
-    allow_beyond_context: bool = False  # probe lengths above the model's max_seq_len too (else they are skipped)
-
-
-@dataclass
-class EvalConfig:
-    model_path: str = ""  # run dir, checkpoint step dir, or Hugging Face directory (CLI only)
-    output_dir: str = ""  # results.jsonl and samples/ (CLI only)
-    label: str = ""  # recorded with every result, e.g. "after-sft"; default: the model path and step
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    batch_size: int = 8  # sequences per forward / prompts per generate call
-    seq_len: int = 0  # perplexity window and multiple-choice context cap; 0 = the model's max_seq_len
-    seed: int = 0  # sampling
-    multiple_choice: list[MultipleChoiceTask] = field(default_factory=list)
-    generative: list[GenerativeTask] = field(default_factory=list)
-    perplexity: list[PerplexitySource] = field(default_factory=list)
-    recall: RecallProbe = field(default_factory=RecallProbe)
-    wandb: WandbConfig = field(default_factory=lambda: WandbConfig(mode="disabled"))
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the key of the first bad value."""
-        mc, gen, ppl = self.multiple_choice, self.generative, self.perplexity
-        choices = [("device", self.device, ("auto", "cpu", "cuda")),
-                   ("precision", self.precision, ("auto", "bf16", "fp32")),
-                   ("wandb.mode", self.wandb.mode, ("online", "offline", "disabled")),
-                   ("recall.prompt", self.recall.prompt, ("plain", "chat"))]
-        choices += [(f"multiple_choice[{i}].format", t.format, ("text", "letters")) for i, t in enumerate(mc)]
-        choices += [(f"multiple_choice[{i}].primary", t.primary, ("mean", "sum")) for i, t in enumerate(mc)]
-        choices += [(f"generative[{i}].prompt", t.prompt, ("plain", "chat")) for i, t in enumerate(gen)]
-        choices += [(f"perplexity[{i}].provenance", t.provenance, ("",) + PROVENANCES) for i, t in enumerate(ppl)]
-        for key, value, allowed in choices:
-            if value not in allowed:
-                raise ConfigError(f"eval config: {key}={value!r}; expected one of {list(allowed)}")
-        positive = [("batch_size", self.batch_size), ("recall.samples", self.recall.samples)]
-        positive += [(f"recall.lengths[{i}]", n) for i, n in enumerate(self.recall.lengths)]
-        positive += [(f"generative[{i}].{k}", getattr(t, k)) for i, t in enumerate(gen)
-                     for k in ("max_new_tokens", "num_samples", "top_p")]
-        for key, value in positive:
-            if value <= 0:
-                raise ConfigError(f"eval config: {key}={value} must be > 0")
-        for section, tasks in (("multiple_choice", mc), ("generative", gen), ("perplexity", ppl)):
-            names = [t.name for t in tasks]
-            if len(set(names)) != len(names) or not all(names) or not all(t.path for t in tasks):
-                raise ConfigError(f"eval config: every {section} entry needs a unique name and a path; got {names}")
-        for i, t in enumerate(gen):
-            if t.temperature < 0 or t.top_p > 1:
-                raise ConfigError(f"eval config: generative[{i}]: temperature={t.temperature} must be >= 0 and "
-                                  f"top_p={t.top_p} at most 1")
-
-
-# ---- loading ---------------------------------------------------------------------------------------------------
-def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, dict]:
-    """A Transformer from a Hugging Face directory, a checkpoint step dir or a run dir; plus {source, step}."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        from train.export.hf import from_hf
-
-        return from_hf(path, dtype=dtype, device=device).eval(), {"source": str(path), "step": None}
-    from train.checkpoint import consolidated_state_dict, resolve_checkpoint_dir
-
-    tag_dir, meta = resolve_checkpoint_dir(path)
-    if "model" not in meta.get("config", {}):
-        raise ConfigError(f"{tag_dir}/meta.json: no config.model; cannot rebuild the model")
-    cfg = from_dict(meta["config"]["model"], schema=ModelConfig)
-    with torch.device("meta"):
-        model = Transformer(cfg)  # no allocation: the checkpoint's tensors are assigned below
-    model.load_state_dict(consolidated_state_dict(tag_dir), strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval(), {"source": str(tag_dir), "step": meta.get("step")}
 
 
 # ---- running ----------------------------------------------------------------------------------------------------
@@ -205,9 +87,11 @@ def check_inputs(cfg: EvalConfig) -> None:
                 if p and not Path(p).exists():
                     raise ConfigError(f"{section}[{i}] ({t.name}).{key}={p!r} does not exist")
             if section != "perplexity":
-                read_jsonl(t.path, keys)
+                for _ in read_jsonl(t.path, keys):
+                    pass
             elif not Path(t.path).is_dir():
-                read_jsonl(t.path, (t.text_field,))
+                for _ in read_jsonl(t.path, (t.text_field,)):
+                    pass
 
 
 def write_results(cfg: EvalConfig, records: list[dict], info: dict, label: str) -> Path:
@@ -253,13 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.output_dir:
             raise ConfigError(f"{args[0]}: output_dir is empty")
         check_inputs(cfg)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, JsonlError, ValueError) as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision == "auto" and cuda) else torch.float32
-    model, info = load_model(cfg.model_path, device, dtype)
+    device = resolve_device(cfg.device)
+    model, info = load_model(cfg.model_path, device, DTYPES[resolve_precision(cfg.precision, device)])
     label = cfg.label or (f"{Path(info['source']).name}" if info["step"] is None else f"step_{info['step']}")
     records = run_tasks(model, Phi4Tokenizer(), cfg, device)
     path = write_results(cfg, records, info, label)

@@ -5,24 +5,22 @@ Each `eval_*` function takes (model, tokenizer, task config, EvalConfig, device)
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from data.verify.answers import check_answer, check_code_many, extract_answer
-from data.tokenizer import EOD_ID, EOS_ID, PAD_ID
+from data.fileio import read_jsonl as iter_jsonl
+from data.tokenizer import EOD_ID, EOS_ID, IGNORE_INDEX, PAD_ID
 from model.generate import generate
-from model.transformer import IGNORE_INDEX, Transformer
+from model.transformer import Transformer
 from train.config import ConfigError
-
-if TYPE_CHECKING:  # annotations only: train.eval.run imports this module
-    from train.eval.run import EvalConfig, GenerativeTask, MultipleChoiceTask, PerplexitySource
+from train.distributed import is_zero3
+from train.eval.config import EvalConfig, GenerativeTask, MultipleChoiceTask, PerplexitySource
 
 log = logging.getLogger("eval")
 STOP_IDS = (EOS_ID, EOD_ID)  # <|im_end|> ends a chat turn, <|endoftext|> a plain document
@@ -30,20 +28,7 @@ STOP_IDS = (EOS_ID, EOD_ID)  # <|im_end|> ends a chat turn, <|endoftext|> a plai
 
 # ---- inputs -----------------------------------------------------------------------------------------------------
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: invalid JSON ({e.msg})") from None
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ValueError(f"{path} line {n}: missing key(s) {missing}; expected {list(required)}")
-            rows.append(row)
-    return rows
+    return [row for _, row in iter_jsonl(path, required)]
 
 
 def _shots_and_items(path: str, fewshot_path: str, k: int, limit: int, required) -> tuple[list[dict], list[dict]]:
@@ -140,14 +125,10 @@ def eval_multiple_choice(model, tok, task: MultipleChoiceTask, cfg: EvalConfig, 
 
 
 # ---- generation -------------------------------------------------------------------------------------------------
-def _is_zero3(model) -> bool:
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                    cfg: EvalConfig, device, seed_offset: int = 0) -> list[str]:
     """Completions (decoded, cut before the first stop token) of every prompt, in batches of cfg.batch_size."""
-    uniform = _is_zero3(model)  # same number of decode steps on every rank
+    uniform = is_zero3(model)  # same number of decode steps on every rank
     generator = torch.Generator(device=device).manual_seed(cfg.seed + seed_offset)
     keep = model.cfg.max_seq_len - max_new_tokens
     if keep < 1:

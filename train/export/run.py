@@ -1,22 +1,26 @@
-"""`python -m train.export <checkpoint_dir> <out_dir>`: a checkpoint (any ZeRO stage) as a Hugging Face directory.
+"""`python -m train.export <source> <out>`: a checkpoint as a Hugging Face directory, or as a GGUF file for llama.cpp
+and Ollama (`--format gguf`).
 
-<checkpoint_dir> is a `step_*` directory or a run directory (its newest complete checkpoint). The ZeRO shards are
-consolidated to fp32, loaded into our Transformer with the checkpoint's own model config, and written by
-`train.export.hf.to_hf` (config.json, safetensors shards, tokenizer files). Load the result with
-`transformers.AutoModelForCausalLM.from_pretrained(out_dir)`.
+<source> is a `step_*` directory, a run directory (its newest complete checkpoint), or an HF export (a directory with
+config.json, e.g. an earlier `python -m train.export` output). Checkpoint shards (any ZeRO stage) are consolidated to
+fp32 and loaded into our Transformer with the checkpoint's own model config, then written by `train.export.hf.to_hf`
+(load the result with `transformers.AutoModelForCausalLM.from_pretrained(out)`) or `train.export.gguf.to_gguf`
+(`<out>` ends in .gguf; an Ollama Modelfile is written beside it). `--gguf PATH` writes both from one load.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from data.tokenizer import Phi4Tokenizer
 from model import ModelConfig, Transformer
-from train.export.hf import to_hf
 from train.checkpoint import consolidated_state_dict, resolve_checkpoint_dir
+from train.export.gguf import GGUF_TYPES, to_gguf
+from train.export.hf import from_hf, to_hf
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -31,22 +35,50 @@ def load_checkpoint_model(checkpoint: str) -> tuple[Transformer, dict]:
     return model, {**meta, "tag_dir": str(tag_dir)}
 
 
-def export(checkpoint: str, out_dir: str, dtype: str = "bf16", overwrite: bool = False) -> dict:
-    model, meta = load_checkpoint_model(checkpoint)
-    to_hf(model, out_dir, tokenizer=Phi4Tokenizer(), dtype=DTYPES[dtype], overwrite=overwrite)
-    return {"checkpoint": meta["tag_dir"], "step": meta["step"], "out_dir": out_dir, "dtype": dtype}
+def load_source(source: str) -> tuple[Transformer, dict]:
+    """Our model from a checkpoint, a run directory or an HF export; and where it came from."""
+    if (Path(source) / "config.json").is_file():
+        return from_hf(source), {"source": source, "step": None}  # tensors keep the export's dtype
+    model, meta = load_checkpoint_model(source)
+    return model, {"source": meta["tag_dir"], "step": meta["step"]}
+
+
+def export(source: str, out: str, dtype: str = "bf16", overwrite: bool = False, fmt: str = "hf",
+           gguf_path: str | None = None, gguf_type: str = "q8_0") -> dict:
+    """Write `source` as `out` (HF directory or GGUF file) and, with gguf_path, also as that GGUF file."""
+    if fmt == "gguf" and gguf_path is not None:
+        raise ValueError("--gguf adds a GGUF file to an HF export; with --format gguf the output is already one")
+    model, where = load_source(source)
+    tokenizer = Phi4Tokenizer()
+    record = {"checkpoint": where["source"], "step": where["step"], "out": out, "format": fmt}
+    if fmt == "gguf":
+        record.update(to_gguf(model, out, gguf_type, tokenizer=tokenizer, overwrite=overwrite))
+        return record
+    to_hf(model, out, tokenizer=tokenizer, dtype=DTYPES[dtype], overwrite=overwrite)
+    record["dtype"] = dtype
+    if gguf_path is not None:
+        # From the weights as loaded (fp32 for a checkpoint), not from the possibly rounded HF copy.
+        record.update(to_gguf(model, gguf_path, gguf_type, tokenizer=tokenizer, overwrite=overwrite))
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a checkpoints/step_* directory or a run directory")
-    parser.add_argument("out_dir")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights dtype (released phi-4: bf16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty out_dir")
+    parser.add_argument("source", help="a checkpoints/step_* directory, a run directory, or an HF export directory")
+    parser.add_argument("out", help="the HF directory to write, or with --format gguf the .gguf file")
+    parser.add_argument("--format", choices=("hf", "gguf"), default="hf", dest="fmt")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                        help="HF weights dtype (released phi-4: bf16)")
+    parser.add_argument("--gguf", metavar="PATH", dest="gguf_path",
+                        help="with --format hf: also write this .gguf file (and a Modelfile beside it)")
+    parser.add_argument("--gguf-type", choices=sorted(GGUF_TYPES), default="q8_0",
+                        help="GGUF weight type; norm weights stay f32")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
     try:
-        print(json.dumps(export(args.checkpoint, args.out_dir, args.dtype, args.overwrite)))
-    except (FileNotFoundError, ValueError) as e:
+        print(json.dumps(export(args.source, args.out, args.dtype, args.overwrite, args.fmt, args.gguf_path,
+                                args.gguf_type)))
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"export error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -34,6 +34,7 @@ class RecipeStage:
     overrides: list[str] = field(default_factory=list)
     nproc: int = 0  # processes for a train stage; 0 = the recipe's nproc
     model_from: str = ""  # pts / export / eval: the stage whose model to use; default: the last train stage
+    gguf: str = ""  # export: also write a GGUF of this type (f32 | f16 | bf16 | q8_0) for llama.cpp / Ollama; "" = none
 
 
 @dataclass
@@ -56,6 +57,19 @@ class Recipe:
                 raise ConfigError(f"stages[{i}] ({s.name}).config={s.config!r} does not exist")
             if s.model_from and s.model_from not in names[:i]:
                 raise ConfigError(f"stages[{i}] ({s.name}).model_from={s.model_from!r} is not an earlier stage")
+            if s.gguf:
+                from train.export.gguf import GGUF_TYPES
+
+                if s.kind != "export":
+                    raise ConfigError(f"stages[{i}] ({s.name}).gguf is for export stages, not kind {s.kind}")
+                if s.gguf not in GGUF_TYPES:
+                    raise ConfigError(f"stages[{i}] ({s.name}).gguf={s.gguf!r}; expected one of {sorted(GGUF_TYPES)} "
+                                      "or \"\" for none")
+
+
+def gguf_file(stage_dir: Path, gguf_type: str) -> Path:
+    """Where an export stage writes its GGUF (its Ollama Modelfile goes beside it)."""
+    return stage_dir / "gguf" / f"model-{gguf_type}.gguf"
 
 
 class StageFailed(RuntimeError):
@@ -124,7 +138,9 @@ class RecipeRunner:
             return [py, "-m", "train.pts", stage.config, f"model={self._model_dir(stage)}",
                     f"output={d / 'pairs.jsonl'}", *extra]
         if stage.kind == "export":
-            return [py, "-m", "train.export", str(self._model_dir(stage)), str(d / "hf"), "--overwrite", *extra]
+            gguf = ["--gguf", str(gguf_file(d, stage.gguf)), "--gguf-type", stage.gguf] if stage.gguf else []
+            return [py, "-m", "train.export", str(self._model_dir(stage)), str(d / "hf"), "--overwrite", *gguf,
+                    *extra]
         return [py, "-m", "train.eval", stage.config, f"model_path={self._model_dir(stage)}", f"output_dir={d}",
                 f"label={stage.name}", *extra]
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from data.fileio import atomic_write
+from train.recipe.runner import gguf_file
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -90,6 +91,10 @@ def write_summary(out: Path, recipe, results: list[dict]) -> dict:
             entry.update({k: v for k, v in s.items() if k != "curve"})
         elif stage.kind == "export":
             entry["exported"] = str(d / "hf")
+            gguf = gguf_file(d, stage.gguf) if stage.gguf else None
+            if gguf is not None and gguf.is_file():
+                entry["gguf"] = str(gguf)
+                entry["modelfile"] = str(gguf.parent / "Modelfile")  # written beside it by train.export.gguf
         elif stage.kind == "eval":
             entry["scores"] = _eval_scores(d)
         elif stage.kind == "pts":
@@ -101,6 +106,8 @@ def write_summary(out: Path, recipe, results: list[dict]) -> dict:
             details.append(", ".join(f"{k} {_fmt(v, 3)}" for k, v in entry["scores"].items()))
         if entry.get("exported"):
             details.append(entry["exported"])
+        if entry.get("gguf"):
+            details.append(f"GGUF {entry['gguf']} (llama.cpp; Ollama: `ollama create NAME -f {entry['modelfile']}`)")
         if entry.get("pts"):
             details.append(", ".join(f"{k} {v}" for k, v in entry["pts"].items() if isinstance(v, (int, float))))
         if entry.get("extra"):

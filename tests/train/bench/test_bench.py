@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer
-from train import bench, bench_gpu, plan
+import train.bench.cpu as bench
+import train.bench.gpu as bench_gpu
+from train import plan
+from train.bench import step as bench_step
+from train.bench import data as bench_data
+from train.bench import timing
 
 SMALL = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160)
 
@@ -28,7 +33,7 @@ def test_arguments_defaults_and_refusals():
 
 def test_interleaved_runs_every_variant_in_alternating_order():
     calls = []
-    runs = bench.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    runs = timing.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
     assert calls == ["a", "b", "b", "a", "a", "b"]
     for r in runs.values():
         assert len(r["wall_s"]) == len(r["cpu_s"]) == 3
@@ -38,10 +43,10 @@ def test_interleaved_runs_every_variant_in_alternating_order():
 def test_hf_twin_has_our_weights_and_computes_our_loss_and_gradients():
     torch.manual_seed(0)
     ours = Transformer(ModelConfig(**SMALL, max_seq_len=16, doc_masking=False, loss_chunk_tokens=0))
-    hf = bench.hf_twin(ours)
+    hf = bench_step.hf_twin(ours)
     assert hf.config._attn_implementation == "sdpa" and not hf.config.tie_word_embeddings
     assert sum(p.numel() for p in hf.parameters()) == ours.cfg.num_params()
-    x, labels = bench.make_batch(ours.cfg, 2, 16)
+    x, labels = bench_step.make_batch(ours.cfg, 2, 16)
     loss_ours = ours(x, labels=labels)
     loss_hf = hf(input_ids=x, labels=x).loss
     torch.testing.assert_close(loss_ours, loss_hf, atol=1e-5, rtol=1e-5)
@@ -66,7 +71,7 @@ def test_step_and_mfu_benchmarks_report_consistent_figures(tmp_path):
     assert step["ours_tokens_per_s"] == pytest.approx(32 / step["runs"]["ours"]["median_wall_s"])
     assert set(step["runs"]) == {"ours", "hf", "ours_blas", "ours_plain_loss"}
     assert step["ratio_blas"] == pytest.approx(step["ours_blas_tokens_per_s"] / step["hf_tokens_per_s"])
-    flops = bench.tiny_config(32).flops_per_token(32)
+    flops = bench_step.tiny_config(32).flops_per_token(32)
     assert mfu["flops_per_token"] == flops
     assert mfu["peak_flops"] == max(mfu["gemm_flops"].values())
     assert mfu["ours"]["flops"] == pytest.approx(flops * step["ours_tokens_per_s"])
@@ -77,7 +82,7 @@ def test_step_and_mfu_benchmarks_report_consistent_figures(tmp_path):
 def test_peak_rss_sees_memory_touched_inside_the_block():
     import mmap
 
-    with bench.PeakRSS() as peak:
+    with bench_step.PeakRSS() as peak:
         # 64 MiB of fresh anonymous pages, written, then unmapped before the block ends (a fresh mapping, not the
         # heap: after many tests in one process malloc may reuse pages that are already resident)
         buf = mmap.mmap(-1, 64 * 2**20)
@@ -98,7 +103,7 @@ def test_memory_child_reports_one_step(capsys):
 
 def test_loader_benchmark_reads_real_shards_and_reports_wait_fractions():
     args = bench.parse_args(["--loader-tokens", "100000", "--loader-batches", "3"])
-    res = bench.bench_loader(args, {"ours_tokens_per_s": 1000.0})
+    res = bench_data.bench_loader(args, {"ours_tokens_per_s": 1000.0})
     assert set(res) == {"4096", "16384"}
     for seq_len, r in res.items():
         assert r["seq_len"] == int(seq_len) and r["batches"] == 3
@@ -111,9 +116,9 @@ def test_tokenize_benchmark_text_is_real_and_nonempty(tmp_path):
     (tmp_path / "a.py").write_text("print('hello')\n")
     (tmp_path / "empty.py").write_text("\n")
     (tmp_path / "b.py").write_text("x = 1\n" * 100)
-    assert bench.bench_texts(str(tmp_path), 10**6) == ["print('hello')\n", "x = 1\n" * 100]
+    assert bench_data.bench_texts(str(tmp_path), 10**6) == ["print('hello')\n", "x = 1\n" * 100]
     with pytest.raises(FileNotFoundError, match="no readable"):
-        bench.bench_texts(str(tmp_path / "missing"), 10)
+        bench_data.bench_texts(str(tmp_path / "missing"), 10)
 
 
 def test_summary_states_ratios_and_verdicts():

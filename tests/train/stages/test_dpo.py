@@ -8,15 +8,16 @@ import os
 import pytest
 import torch
 
-from data.sft import ChatDataError
+from data.packing import ChatDataError
 from data.pairs import EOS_ID, PairBatches
 from data.tokenizer import Phi4Tokenizer
 from model import ModelConfig, Transformer
 from tests.helpers.train import TEST_MODEL, check, exit_status, metrics, run_train, train_losses
 from train.config import load_config
-from train.dpo import (RefCacheError, cache_path, compute_ref_logps, load_ref_cache, prepare_reference,
-                       preference_loss, sequence_logps)
-from train.engine import Dist
+from train.distributed import DistState
+from train.stages.build import validate
+from train.stages.dpo_loss import preference_loss, sequence_logps
+from train.stages.ref_cache import RefCacheError, cache_path, compute_ref_logps, load_ref_cache, prepare_reference
 
 GEN_PROMPT = [100264, 78191, 100266]  # <|im_start|>assistant<|im_sep|>
 MODEL_ARGS = {k: v for k, v in TEST_MODEL.items() if k != "preset"}
@@ -187,23 +188,23 @@ def test_prepare_reference_refuses_a_cache_of_other_data(tmp_path, tok):
                                                  f"train.init_from={tmp_path / 'ref_model'}", "train.seq_len=128",
                                                  "data.held_out_fraction=0",
                                                  *(f"model.{k}={v}" for k, v in MODEL_ARGS.items())])
-    dist_info = Dist(0, 1, 0, torch.device("cpu"), "fp32")
+    dist_state = DistState(0, 1, 0, torch.device("cpu"), "fp32")
     pb = PairBatches(data, seq_len=128, micro_batch=2, global_batch=8, tokenizer=tok)
-    prepare_reference(cfg, model, pb, dist_info)
+    first = prepare_reference(cfg, model, pb, dist_state, resumed=False)
     assert cache_path(cfg) == tmp_path / "run" / "ref_logps.pt" and cache_path(cfg).is_file()
     again = PairBatches(data, seq_len=128, micro_batch=2, global_batch=8, tokenizer=tok)
-    prepare_reference(cfg, tiny_model(seed=1), again, dist_info)  # other weights: the cache is reused as is
-    assert torch.equal(again.ref_logps, pb.ref_logps)
+    reused = prepare_reference(cfg, tiny_model(seed=1), again, dist_state, resumed=False)  # other weights: reused
+    assert torch.equal(reused, first)
     changed = write_jsonl(tmp_path / "b.jsonl", text_pairs(5))
     with pytest.raises(RefCacheError, match="different data") as e:
         prepare_reference(cfg, model, PairBatches(changed, seq_len=128, micro_batch=2, global_batch=8, tokenizer=tok),
-                          dist_info)
+                          dist_state, resumed=False)
     assert "ref_logps.pt" in str(e.value) and "dpo.ref_cache" in str(e.value)
     cfg.dpo.ref_cache = str(tmp_path / "elsewhere.pt")
-    resumed = PairBatches(data, seq_len=128, micro_batch=2, global_batch=8, tokenizer=tok)
-    resumed.resumed = True  # the engine would hold trained weights: computing the reference now is refused
+    # resumed: the engine would hold trained weights, so computing the reference now is refused
     with pytest.raises(RefCacheError, match="resumed"):
-        prepare_reference(cfg, model, resumed, dist_info)
+        prepare_reference(cfg, model, PairBatches(data, seq_len=128, micro_batch=2, global_batch=8, tokenizer=tok),
+                          dist_state, resumed=True)
 
 
 def test_pair_order_resumes_exactly_on_another_world_size(tmp_path, tok):
@@ -238,20 +239,19 @@ def test_shipped_dpo_configs_load():
 
 
 def test_stage_checks_fail_before_compute(tmp_path):
-    from train import stages
     from train.config import ConfigError
 
     data = write_jsonl(tmp_path / "p.jsonl", text_pairs(2))
     base = [f"data.dpo_path={data}", f"train.init_from={tmp_path}"]
-    stages.validate(load_config("configs/smoke/dpo.yaml", base))
+    validate(load_config("configs/smoke/dpo.yaml", base))
     for overrides, expected in ((["train.init_from=''"], "reference model"), (["data.dpo_path=x.jsonl"], "dpo_path"),
                                 (["dpo.beta=0"], "dpo.beta"), (["model.doc_masking=false"], "doc_masking")):
         with pytest.raises(ConfigError, match=expected):
-            stages.validate(load_config("configs/smoke/dpo.yaml", [*base, *overrides]))
+            validate(load_config("configs/smoke/dpo.yaml", [*base, *overrides]))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")  # e.g. a Pivotal Token Search that found no pair
     with pytest.raises(ConfigError, match="no preference pair"):
-        stages.validate(load_config("configs/smoke/dpo.yaml", [*base, f"data.dpo_path={empty}"]))
+        validate(load_config("configs/smoke/dpo.yaml", [*base, f"data.dpo_path={empty}"]))
     with pytest.raises(ConfigError, match="dpo.loss"):
         load_config("configs/smoke/dpo.yaml", [*base, "dpo.loss=hinge"])
 

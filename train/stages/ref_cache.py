@@ -1,4 +1,4 @@
-"""DPO: sequence log-probs, the sigmoid (DPO) and IPO losses, and the reference log-prob cache.
+"""DPO's reference log-prob cache.
 
 The reference model is the stage's starting checkpoint (`train.init_from`). Its log-probs are computed once, before
 the first step, by the engine itself (at that point it holds exactly the starting weights), so training never holds
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from data.fileio import atomic_path, sha256_file
 from train.checkpoint import resolve_checkpoint_dir
-from train.stages import StoppedBeforeTraining
+from train.distributed import (StoppedBeforeTraining, barrier, from_rank0, max_over_ranks, rank_and_world,
+                               to_device)
+from train.stages.dpo_loss import sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -39,60 +39,6 @@ NON_NUMERIC_MODEL_FIELDS = ("activation_checkpointing", "checkpoint_every", "lea
 
 class RefCacheError(RuntimeError):
     """The reference log-prob cache cannot be used or built as asked; the message says why and what to do."""
-
-
-# ---- losses ----------------------------------------------------------------------------------------------
-def sequence_logps(model, batch: dict) -> torch.Tensor:
-    """(num_pairs, 2) summed log-probs of each pair's chosen (column 0) and rejected (column 1) completion."""
-    nll = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
-                cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"], reduction="none")  # (R, T)
-    slot = batch["seq_slot"]  # (R, T): 2 j + side at completion targets, -1 elsewhere
-    keep = slot >= 0
-    n = int(batch["num_pairs"])
-    out = torch.zeros(2 * n, dtype=torch.float32, device=nll.device)
-    return out.index_add(0, slot[keep], -nll[keep].float()).view(n, 2)
-
-
-def preference_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float, kind: str = "sigmoid"):
-    """Per-pair losses (N,) and summed stats, from (N, 2) policy and reference log-probs [chosen, rejected].
-
-    h = (log pi_c - log pi_r) - (log ref_c - log ref_r). sigmoid (Rafailov et al.): -log sigmoid(beta h).
-    ipo (Azar et al.): (h - 1 / (2 beta))^2, on summed (not length-averaged) sequence log-probs.
-    Rewards are beta (log pi - log ref) per side; accuracy counts pairs whose chosen reward is the higher.
-    """
-    h = (policy[:, 0] - policy[:, 1]) - (reference[:, 0] - reference[:, 1])
-    if kind == "sigmoid":
-        losses = -F.logsigmoid(beta * h)
-    elif kind == "ipo":
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
-    else:
-        raise ValueError(f"dpo.loss={kind!r}; expected 'sigmoid' or 'ipo'")
-    with torch.no_grad():
-        chosen = beta * (policy[:, 0] - reference[:, 0])
-        rejected = beta * (policy[:, 1] - reference[:, 1])
-        stats = {"rewards_chosen": chosen.sum(), "rewards_rejected": rejected.sum(),
-                 "rewards_margin": (chosen - rejected).sum(), "rewards_accuracy": (chosen > rejected).float().sum(),
-                 "logps_chosen": policy[:, 0].sum(), "logps_rejected": policy[:, 1].sum()}
-    return losses, stats
-
-
-def dpo_loss_function(cfg, engine, batches):
-    """fn(batch) -> (loss summed over the batch's pairs, summed stats); reads batches.ref_logps at call time."""
-    def dpo_loss(batch: dict):
-        if batches.ref_logps is None:
-            raise RefCacheError("reference log-probs are not loaded (train.stages.before_training must run first)")
-        policy = sequence_logps(engine, batch)
-        reference = batches.ref_logps[batch["pair_ids"].cpu()].to(device=policy.device, dtype=policy.dtype)
-        if not torch.isfinite(reference).all():
-            raise RefCacheError(f"reference log-probs missing for pairs {batch['pair_ids'].tolist()}")
-        losses, stats = preference_loss(policy, reference, cfg.dpo.beta, cfg.dpo.loss)
-        return losses.sum(), {k: float(v) for k, v in stats.items()}
-    return dpo_loss
-
-
-def step_metrics(extras: dict, n_pairs: float) -> dict:
-    """Per-pair means of the summed stats over the global batch, e.g. dpo/rewards_accuracy."""
-    return {f"dpo/{k}": v / max(n_pairs, 1.0) for k, v in extras.items()}
 
 
 # ---- the cache key ---------------------------------------------------------------------------------------
@@ -144,35 +90,6 @@ def load_ref_cache(path: Path, key: dict) -> torch.Tensor | None:
 
 
 # ---- computing the cache ---------------------------------------------------------------------------------
-def _dist() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _from_rank0(value):
-    if dist.is_initialized():
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
-
-
-def _max_over_ranks(n: int, device) -> int:
-    if not dist.is_initialized():
-        return n
-    t = torch.tensor([n], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 def _finished_chunks(parts: Path, key_json: str, chunks: list[np.ndarray]) -> list[int]:
     """Indices of chunks already written by an interrupted run (rank 0 reads; a foreign key is refused)."""
     done = []
@@ -194,7 +111,7 @@ def compute_ref_logps(model, batches, key: dict, path: Path, chunk_pairs: int, d
     `should_stop()` is polled by every rank after each round of chunks (a preemption signal: the finished chunks
     stay on disk for the next attempt, and StoppedBeforeTraining is raised).
     """
-    rank, world = _dist()
+    rank, world = rank_and_world()
     key_json = json.dumps(key, sort_keys=True)
     parts = path.with_name(path.name + ".parts")
     ids = np.flatnonzero(batches.valid)
@@ -204,7 +121,7 @@ def compute_ref_logps(model, batches, key: dict, path: Path, chunk_pairs: int, d
         message = None
     except RefCacheError as e:
         done, message = [], str(e)
-    done, message = _from_rank0((done, message))
+    done, message = from_rank0((done, message))
     if message:
         raise RefCacheError(message)
     todo = [k for k in range(len(chunks)) if k not in set(done)]
@@ -217,13 +134,13 @@ def compute_ref_logps(model, batches, key: dict, path: Path, chunk_pairs: int, d
     for start in range(0, len(todo), world):
         k = todo[start + rank] if start + rank < len(todo) else None
         groups = [] if k is None else [chunks[k][s:s + b].tolist() for s in range(0, len(chunks[k]), b)]
-        n_forwards = _max_over_ranks(len(groups), device)
+        n_forwards = max_over_ranks(len(groups), device)
         logps = []
         for j in range(n_forwards):
             if j < len(groups):
-                logps.append(sequence_logps(model, _to(batches.pairs_batch(groups[j]), device)).double().cpu())
+                logps.append(sequence_logps(model, to_device(batches.pairs_batch(groups[j]), device)).double().cpu())
             else:  # a throw-away forward so that every rank joins the same ZeRO-3 gathers
-                sequence_logps(model, _to(batches.pairs_batch(ids[:1].tolist()), device))
+                sequence_logps(model, to_device(batches.pairs_batch(ids[:1].tolist()), device))
         if k is not None:
             parts.mkdir(parents=True, exist_ok=True)
             with atomic_path(parts / f"chunk_{k:06d}.pt") as tmp:
@@ -239,7 +156,7 @@ def compute_ref_logps(model, batches, key: dict, path: Path, chunk_pairs: int, d
             raise StoppedBeforeTraining(f"reference log-probs: stopped after {finished} of {len(chunks)} chunks; "
                                         f"they are kept in {parts} for the next attempt")
     model.train(was_training)
-    _barrier()
+    barrier()
     if rank == 0:
         table = torch.full((batches.num_pairs, 2), float("nan"), dtype=torch.float64)
         for k in range(len(chunks)):
@@ -248,22 +165,21 @@ def compute_ref_logps(model, batches, key: dict, path: Path, chunk_pairs: int, d
         with atomic_path(path) as tmp:
             torch.save({"key": key_json, "logps": table}, tmp)
         shutil.rmtree(parts, ignore_errors=True)
-    _barrier()
+    barrier()
     return load_ref_cache(path, key)
 
 
-def prepare_reference(cfg, engine, batches, dist_info, should_stop=None) -> None:
-    """The before_training hook: load the cache, or build it with the engine's (starting) weights."""
+def prepare_reference(cfg, engine, batches, dist_state, resumed: bool, should_stop=None) -> torch.Tensor:
+    """(num_pairs, 2) reference log-probs: the cache loaded, or built with the engine's (starting) weights."""
     path = cache_path(cfg)
-    key = cache_key(cfg, batches, dist_info.precision)
-    if _from_rank0(path.is_file()):
-        batches.ref_logps = load_ref_cache(path, key)
+    key = cache_key(cfg, batches, dist_state.precision)
+    if from_rank0(path.is_file()):
         log.info("reference log-probs: loaded %s", path)
-        return
-    if batches.resumed:
+        return load_ref_cache(path, key)
+    if resumed:
         raise RefCacheError(
             f"reference log-prob cache {path} is missing, but this run resumed from a checkpoint, so the engine no "
             "longer holds the reference (starting) weights. Restore the cache file, or start the stage again in a "
             "new output_dir.")
-    batches.ref_logps = compute_ref_logps(engine, batches, key, path, cfg.dpo.ref_chunk_pairs, dist_info.device,
-                                          should_stop=should_stop)
+    return compute_ref_logps(engine, batches, key, path, cfg.dpo.ref_chunk_pairs, dist_state.device,
+                             should_stop=should_stop)

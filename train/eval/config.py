@@ -1,0 +1,100 @@
+"""Evaluation configuration: the task lists (multiple choice, generative, perplexity sources, recall probe), validated."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data.config import PROVENANCES
+from train.config import ConfigError, WandbConfig
+
+
+@dataclass
+class MultipleChoiceTask:
+    name: str = ""
+    path: str = ""  # jsonl rows {"question", "choices": [...], "answer": index}
+    k_shot: int = 0
+    fewshot_path: str = ""  # shots = its first k rows; empty = the first k rows of `path` (then not scored)
+    format: str = "text"  # text: score each choice's text (ARC) | letters: list choices as A-D, score the letter (MMLU)
+    primary: str = "mean"  # the score `accuracy` uses: mean (per-token, length-normalised) | sum
+    limit: int = 0  # 0 = every item
+
+
+@dataclass
+class GenerativeTask:
+    name: str = ""
+    path: str = ""  # jsonl rows {"question" or "messages", "answer", "oracle"?: math|code, "tests"?}
+    k_shot: int = 0
+    fewshot_path: str = ""  # rows with "question" and "solution" (or "answer"); empty = first k rows of `path`
+    prompt: str = "plain"  # plain few-shot text (base models) | chat (the chat template; chat models)
+    temperature: float = 0.0  # 0 = greedy; simple-evals use 0.5
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    num_samples: int = 1  # completions per item; accuracy is averaged over them
+    limit: int = 0
+
+
+@dataclass
+class PerplexitySource:
+    name: str = ""
+    path: str = ""  # prepared shard directory (manifest.json) or a .jsonl file
+    provenance: str = ""  # synthetic | organic; shards: read from the manifest (must agree when given)
+    text_field: str = "text"  # jsonl only
+    held_out_fraction: float = 0.0  # shards: score only the documents the loader holds out (same seed); 0 = all
+    seed: int = 1234  # the run's data.seed, so the held-out documents are the loader's
+    max_docs: int = 0  # 0 = no cap
+    max_tokens: int = 0  # 0 = no cap
+
+
+@dataclass
+class RecallProbe:
+    lengths: list[int] = field(default_factory=lambda: [4096, 8192, 16384])  # prompt tokens; empty = off
+    samples: int = 5  # probes per length
+    prompt: str = "plain"  # plain | chat
+    seed: int = 0
+    allow_beyond_context: bool = False  # probe lengths above the model's max_seq_len too (else they are skipped)
+
+
+@dataclass
+class EvalConfig:
+    model_path: str = ""  # run dir, checkpoint step dir, or Hugging Face directory (CLI only)
+    output_dir: str = ""  # results.jsonl and samples/ (CLI only)
+    label: str = ""  # recorded with every result, e.g. "after-sft"; default: the model path and step
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    batch_size: int = 8  # sequences per forward / prompts per generate call
+    seq_len: int = 0  # perplexity window and multiple-choice context cap; 0 = the model's max_seq_len
+    seed: int = 0  # sampling
+    multiple_choice: list[MultipleChoiceTask] = field(default_factory=list)
+    generative: list[GenerativeTask] = field(default_factory=list)
+    perplexity: list[PerplexitySource] = field(default_factory=list)
+    recall: RecallProbe = field(default_factory=RecallProbe)
+    wandb: WandbConfig = field(default_factory=lambda: WandbConfig(mode="disabled"))
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the key of the first bad value."""
+        mc, gen, ppl = self.multiple_choice, self.generative, self.perplexity
+        choices = [("device", self.device, ("auto", "cpu", "cuda")),
+                   ("precision", self.precision, ("auto", "bf16", "fp32")),
+                   ("wandb.mode", self.wandb.mode, ("online", "offline", "disabled")),
+                   ("recall.prompt", self.recall.prompt, ("plain", "chat"))]
+        choices += [(f"multiple_choice[{i}].format", t.format, ("text", "letters")) for i, t in enumerate(mc)]
+        choices += [(f"multiple_choice[{i}].primary", t.primary, ("mean", "sum")) for i, t in enumerate(mc)]
+        choices += [(f"generative[{i}].prompt", t.prompt, ("plain", "chat")) for i, t in enumerate(gen)]
+        choices += [(f"perplexity[{i}].provenance", t.provenance, ("",) + PROVENANCES) for i, t in enumerate(ppl)]
+        for key, value, allowed in choices:
+            if value not in allowed:
+                raise ConfigError(f"eval config: {key}={value!r}; expected one of {list(allowed)}")
+        positive = [("batch_size", self.batch_size), ("recall.samples", self.recall.samples)]
+        positive += [(f"recall.lengths[{i}]", n) for i, n in enumerate(self.recall.lengths)]
+        positive += [(f"generative[{i}].{k}", getattr(t, k)) for i, t in enumerate(gen)
+                     for k in ("max_new_tokens", "num_samples", "top_p")]
+        for key, value in positive:
+            if value <= 0:
+                raise ConfigError(f"eval config: {key}={value} must be > 0")
+        for section, tasks in (("multiple_choice", mc), ("generative", gen), ("perplexity", ppl)):
+            names = [t.name for t in tasks]
+            if len(set(names)) != len(names) or not all(names) or not all(t.path for t in tasks):
+                raise ConfigError(f"eval config: every {section} entry needs a unique name and a path; got {names}")
+        for i, t in enumerate(gen):
+            if t.temperature < 0 or t.top_p > 1:
+                raise ConfigError(f"eval config: generative[{i}]: temperature={t.temperature} must be >= 0 and "
+                                  f"top_p={t.top_p} at most 1")
