@@ -14,7 +14,7 @@ class SourceConfig:
     path: str = ""  # prepared shard directory (holds manifest.json); empty only for planning-only mixtures
     weight: float = 0.0  # fraction of the stage's *training tokens* (Phi-4 Table 5 semantics), not of the corpus
     unique_tokens: int = 0  # declared size for planning; when 0 it is read from the manifest
-    # Midtraining long-context selection (spec section 4): keep documents longer than min_doc_tokens and
+    # Midtraining long-context selection (Phi-4 report §3.3): keep documents longer than min_doc_tokens and
     # up-weight those of at least upweight_min_tokens by upweight_factor. 0 / 1.0 = no selection.
     min_doc_tokens: int = 0
     upweight_min_tokens: int = 0

@@ -1,4 +1,4 @@
-"""Benchmark decontamination, the hybrid 13-gram / 7-gram check (spec section 7): `python -m data.decontaminate <cfg>`.
+"""Benchmark decontamination, the hybrid 13-gram / 7-gram check (Phi-4 report App. B.1): `python -m data.decontaminate <cfg>`.
 
 Per training document, after normalisation (lowercase, punctuation -> spaces: "1.8 kg" -> "1 8 kg"):
   1. any 13-gram shared with a benchmark and not allow-listed -> contaminated;
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.configfile import load_typed
 from data.fileio import atomic_path, atomic_write
 from data.sources import JSONL_SUFFIXES, iter_lines, list_inputs
 
@@ -330,12 +331,11 @@ def run(cfg: DecontaminateConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.config import load_config  # here only: data/ does not import train/ at module level
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m data.decontaminate <config.yaml> [key=value ...]\n\n" + __doc__)
         return 0 if argv else 2
-    cfg = load_config(argv[0], argv[1:], schema=DecontaminateConfig)
+    cfg = load_typed(argv[0], argv[1:], schema=DecontaminateConfig)
     report = run(cfg)
     t = report["totals"]
     print(f"{t['documents']} documents: {t['clean']} clean, {t['partial']} partial, {t['contaminated']} "

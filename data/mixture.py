@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from data.config import PROVENANCES, DataConfig, SourceConfig
+from data.configfile import ConfigError, load_typed, read_yaml
 
 WEIGHT_TOLERANCE = 1e-6  # |sum of weights - 1| allowed (YAML decimals are not exact binary fractions)
 MAX_PERIOD = 100_000  # longest schedule period: weights are realised to within 0.5 / MAX_PERIOD
@@ -232,17 +233,13 @@ def format_manifest(rows: list[dict], total_tokens: int, title: str = "") -> str
 
 
 def load_mixture_config(path: str) -> tuple[DataConfig, int]:
-    """A run config (its data section, total = steps x global batch x seq_len) or a bare data config."""
-    import yaml
-
-    from train.config import RunConfig, load_config  # lazy: the CLI's only tie to train/
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    if isinstance(raw, dict) and "sources" not in raw:
-        run = load_config(path, schema=RunConfig)
-        t = run.train
-        return run.data, t.max_steps * t.global_batch * t.seq_len
-    data = load_config(path, schema=DataConfig)
+    """A data (mixture) config and its total tokens. A run config is refused with the way to its mixture."""
+    raw = read_yaml(Path(path))
+    if "sources" not in raw and "data" in raw:
+        mixture = raw["data"].get("mixture") if isinstance(raw["data"], dict) else None
+        raise ConfigError(f"{path} is a run config; pass its mixture file" + (f" ({mixture})" if mixture else "")
+                          + ", or see the stage's plan with `python -m train.plan " + str(path) + "`")
+    data = load_typed(path, schema=DataConfig)
     return data, data.total_tokens
 
 

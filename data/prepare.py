@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from data.config import PROVENANCES
+from data.configfile import load_typed
 from data.shards import DEFAULT_SHARD_TOKENS, MANIFEST, ShardedSource, ShardError, ShardWriter, read_json
 from data.sources import RECORD_SUFFIXES, Record, SourceError, iter_records, list_inputs
 
@@ -309,13 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"M tok/s\ndata.prepare (read+tokenize+write): {r['prepare_tokens_per_s'] / 1e6:.2f} M tok/s\n"
                   f"ratio: {r['ratio']:.3f} (target >= 0.9); CPU-seconds ratio {r['cpu_ratio']:.3f}")
             return 0
-        from train.config import ConfigError, load_config
-
-        try:
-            cfg = load_config(args[0], args[1:], schema=PrepareConfig)
-        except ValueError as e:  # validate() names the key; add the file
-            raise ConfigError(e if isinstance(e, ConfigError) else f"{args[0]}: {e}") from None
-        prepare(cfg)
+        prepare(load_typed(args[0], args[1:], schema=PrepareConfig))
     except (PrepareError, SourceError, ShardError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

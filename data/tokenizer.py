@@ -1,6 +1,6 @@
 """Phi-4 tokenizer: tiktoken cl100k_base BPE (loaded offline, sha256-verified) plus the 96 Phi-4 special ids.
 
-Chat format (spec section 2): `<|im_start|>{role}<|im_sep|>{content}<|im_end|>` per message, no newlines, no BOS;
+Chat format (the microsoft/phi-4 tokenizer files): `<|im_start|>{role}<|im_sep|>{content}<|im_end|>` per message, no newlines, no BOS;
 a generation prompt appends `<|im_start|>assistant<|im_sep|>`. Roles and contents are encoded as ordinary text, so
 text that merely looks like a special token (a user typing `<|im_end|>`) never becomes a special id.
 """
@@ -47,7 +47,7 @@ CHAT_TEMPLATE = (
 
 
 def special_token_table() -> dict[str, int]:
-    """The Phi-4 special/reserved table, ids 100256..100351 (spec section 2), dummy numbering with its gaps."""
+    """The Phi-4 special/reserved table, ids 100256..100351 (the microsoft/phi-4 tokenizer files), dummy numbering with its gaps."""
     named = {
         100257: "<|endoftext|>", 100258: "<|fim_prefix|>", 100259: "<|fim_middle|>", 100260: "<|fim_suffix|>",
         100264: "<|im_start|>", 100265: "<|im_end|>", 100266: "<|im_sep|>", 100276: "<|endofprompt|>",

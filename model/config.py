@@ -8,7 +8,7 @@ ATTN_BACKENDS = ("sdpa", "flash")
 
 @dataclass
 class ModelConfig:
-    # Defaults are Phi-4 14B (spec section 1); presets in configs/model/ shrink it for smoke runs.
+    # Defaults are Phi-4 14B (HF microsoft/phi-4 config.json); presets in configs/model/ shrink it for smoke runs.
     vocab_size: int = 100_352  # 100,256 cl100k ranks + 96 special/reserved ids
     dim: int = 5120  # hidden size d
     n_layers: int = 40

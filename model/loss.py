@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # a label that takes no loss (torch's default; data.tokenizer.IGNORE_INDEX, tested equal)
 TINY_PROB = 1e-30  # below this -log(p) loses precision (fp32 denormals); such rows are recomputed from the logits
 
 
@@ -30,8 +30,15 @@ def _mm_nt(a: torch.Tensor, b: torch.Tensor, onednn: bool) -> torch.Tensor:
     return a @ b.t()
 
 
+def _onednn_bf16() -> bool:
+    """oneDNN's bf16 inner product needs CPU bf16 support (AVX-512 BF16 / AMX); without it the primitive fails."""
+    return hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _use_onednn(requested: bool, h: torch.Tensor) -> bool:
-    return requested and h.device.type == "cpu" and h.dtype in (torch.float32, torch.bfloat16) and onednn_available()
+    if not (requested and h.device.type == "cpu" and onednn_available()):
+        return False
+    return h.dtype == torch.float32 or (h.dtype == torch.bfloat16 and _onednn_bf16())
 
 
 def _softmax_chunk(hc: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch.Tensor:

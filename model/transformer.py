@@ -16,11 +16,9 @@ from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 from model.lean import rms_norm, swiglu
-from model.loss import fused_linear_cross_entropy, token_nll
+from model.loss import IGNORE_INDEX, fused_linear_cross_entropy, token_nll
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, lean: bool = False):

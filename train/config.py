@@ -1,8 +1,8 @@
 """Run configuration: typed dataclasses, defaults < YAML file < command-line dot-list overrides.
 
 `load_config(path, overrides)` returns a validated `RunConfig` with derived values filled in; unknown keys and wrong
-types fail at load with the key, the file and the valid choices. `load_config(..., schema=OtherDataclass)` serves the
-other entry points (data preparation, decontamination, PTS) with the same rules.
+types fail at load with the key, the file and the valid choices (data/configfile.py, which data/ uses too).
+`load_config(..., schema=OtherDataclass)` serves the other entry points (eval, PTS, recipes) with the same rules.
 """
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from data.config import PROVENANCES, DataConfig
+from data.configfile import ConfigError, load_typed, read_yaml
 from data.fileio import atomic_write
 from model.config import ModelConfig
 
@@ -26,10 +26,6 @@ MODEL_PRESET_DIR = REPO_ROOT / "configs" / "model"
 
 STAGES = ("pretrain", "midtrain", "sft", "dpo")
 SCHEDULES = ("linear", "cosine", "wsd", "constant")
-
-
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message names the file and key."""
 
 
 @dataclass
@@ -117,40 +113,6 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
-def _valid_keys(schema_node: Any) -> list[str]:
-    return sorted(schema_node.keys()) if OmegaConf.is_dict(schema_node) else []
-
-
-def _explain(exc: OmegaConfBaseException, base, where: str) -> ConfigError:
-    key = getattr(exc, "full_key", None) or "?"
-    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        node = OmegaConf.select(base, parent) if parent else base
-        choices = ", ".join(_valid_keys(node))
-        return ConfigError(f"{where}: unknown key '{key}'. Valid keys{' under ' + repr(parent) if parent else ''}: {choices}")
-    if isinstance(exc, ValidationError):
-        msg = str(exc).splitlines()[0]
-        return ConfigError(f"{where}: bad value for '{key}': {msg}")
-    return ConfigError(f"{where}: {str(exc).splitlines()[0]} (key '{key}')")
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
-    return raw
-
-
 def _resolve_includes(raw: dict, where: str) -> dict:
     """`model: {preset: tiny}` takes configs/model/tiny.yaml as the base of the model section, and
     `data: {mixture: configs/data/x.yaml}` a mixture file as the base of the data section; keys beside them win."""
@@ -168,45 +130,17 @@ def _resolve_includes(raw: dict, where: str) -> dict:
             hint = f"; available presets: {sorted(p.stem for p in MODEL_PRESET_DIR.glob('*.yaml'))}" \
                 if section == "model" else ""
             raise ConfigError(f"{where}: {section}.{key}={name!r} not found{hint}")
-        raw = {**raw, section: {**_read_yaml(path), **body}}
+        raw = {**raw, section: {**read_yaml(path), **body}}
     return raw
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), schema: type = RunConfig):
-    """defaults < YAML < dot-list overrides, typed and validated; derived values filled in for RunConfig."""
-    base = OmegaConf.structured(schema)
-    where = str(path) if path else "<defaults>"
-    raw = _read_yaml(Path(path)) if path else {}
-    if schema is RunConfig:
-        raw = _resolve_includes(raw, where)
-    try:
-        merged = OmegaConf.merge(base, OmegaConf.create(raw))
-    except OmegaConfBaseException as e:
-        raise _explain(e, base, where) from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
-    for item in overrides:  # one at a time, so list entries work too: data.sources.1.weight=0.2
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.max_steps=20)")
-        try:
-            value = yaml.safe_load(text) if text.strip() else text
-            OmegaConf.update(merged, key.strip(), value, merge=True, force_add=False)
-        except yaml.YAMLError:
-            raise ConfigError(f"override {item!r}: value is not valid YAML") from None
-        except OmegaConfBaseException as e:
-            raise _explain(e, base, f"override {item!r}") from None
-        except (TypeError, ValueError, IndexError) as e:
-            raise ConfigError(f"override {item!r}: {e}") from None
-    try:
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise _explain(e, base, where) from None
-    if schema is RunConfig:
-        finalize(cfg, where)
-    elif hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
+    """defaults < YAML < dot-list overrides, typed and validated; for RunConfig, `model.preset` / `data.mixture`
+    includes are resolved and derived values filled in (see data/configfile.py for the rules of every schema)."""
+    if schema is not RunConfig:
+        return load_typed(path, overrides, schema)
+    cfg = load_typed(path, overrides, schema, resolve=lambda raw, where: _resolve_includes(raw, where))
+    return finalize(cfg, str(path) if path else "<defaults>")
 
 
 def _choice(value, choices, key: str, where: str) -> None:

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 PLAIN = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "perf/tokens_per_s",
          "tokens_seen": "train/tokens_seen"}
 
-# Dense bf16 peak per device, TFLOP/s (NVIDIA datasheets; perf-reliability.md A2).
+# Dense bf16 peak per device, TFLOP/s (NVIDIA datasheets).
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 

@@ -336,9 +336,16 @@ def main(argv: list[str] | None = None) -> int:
             result = plan_recipe(path, args.overrides, hw)
             text = format_recipe(result)
         else:
-            result = plan_stage(load_config(path, args.overrides), hw)
+            cfg = load_config(path, args.overrides)
+            result = plan_stage(cfg, hw)
             text = format_stage(result, path.stem)
-    except ConfigError as e:
+            if cfg.data.sources:  # the stage's mixture: tokens drawn and epochs per source over its token budget
+                from data.mixture import format_manifest, mixture_manifest
+
+                rows = mixture_manifest(cfg.data, cfg.train.total_tokens)
+                result["mixture"] = {"total_tokens": cfg.train.total_tokens, "sources": rows}
+                text += "\n" + format_manifest(rows, cfg.train.total_tokens, str(path))
+    except (ConfigError, ValueError) as e:  # ValueError: a mixture the data layer refuses, with its names
         hint = "" if _has_stage_key(path) or _is_recipe(path) else (" (a stage run config has a 'stage' key; a recipe has a 'stages' "
                                                  "list)")
         print(f"configuration error: {e}{hint}", file=sys.stderr)

@@ -1,14 +1,15 @@
-"""Answer oracles for maths/QA (answer extraction + normalised comparison) and for code (unit tests in the sandbox).
+"""Answer oracles for maths/QA (answer extraction + normalised comparison) and for code (unit tests or expected
+stdout, run in the sandbox and judged outside it by data.verify.sandbox).
 
-These are what Pivotal Token Search and the generative evals call to decide whether a completion succeeded
-(spec section 6: "comparison with the ground truth for math/QA, unit tests for code").
+These are what Pivotal Token Search and the generative evals call to decide whether a completion succeeded:
+comparison with the ground truth for maths/QA, unit tests for code.
 """
 from __future__ import annotations
 
 import re
 from fractions import Fraction
 
-from data.verify.sandbox import run_python_many
+from data.verify.sandbox import run_program_many, run_python_many
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -138,7 +139,8 @@ def extract_code(completion_text: str) -> str:
 
 def check_code_many(completions: list[str], tests: list[str], timeout_s: float = 5.0,
                     memory_mb: int = 512) -> list[bool]:
-    """Sandbox every completion's code against its tests (one sandbox process, one forked child each)."""
+    """Each completion's code against its tests (top-level asserts), in the sandbox, judged outside it; several
+    completions share a sandbox start, each in its own process."""
     if len(completions) != len(tests):
         raise ValueError(f"check_code_many: {len(completions)} completions but {len(tests)} test suites")
     results = run_python_many([(extract_code(c), t) for c, t in zip(completions, tests)], timeout_s, memory_mb)
@@ -150,12 +152,26 @@ def check_code(completion_text: str, tests: str, timeout_s: float = 5.0, memory_
     return check_code_many([completion_text], [tests], timeout_s, memory_mb)[0]
 
 
+def check_program_many(completions: list[str], stdins: list[str], expected_stdouts: list[str],
+                       timeout_s: float = 5.0, memory_mb: int = 512) -> list[bool]:
+    """Each completion's code run as a program on its stdin; True when it exits normally and prints the expected
+    output (trailing whitespace aside), compared outside the sandbox."""
+    if not len(completions) == len(stdins) == len(expected_stdouts):
+        raise ValueError(f"check_program_many: {len(completions)} completions, {len(stdins)} stdins, "
+                         f"{len(expected_stdouts)} expected outputs")
+    items = [(extract_code(c), i, o) for c, i, o in zip(completions, stdins, expected_stdouts)]
+    return [r.passed for r in run_program_many(items, timeout_s, memory_mb)]
+
+
 def check_item(item: dict, completion_text: str, timeout_s: float = 5.0, memory_mb: int = 512) -> bool:
     """The oracle of a question item (`pts_questions.jsonl` / `eval_questions.jsonl` row): its 'oracle' field picks
-    'math' (answer match against item['answer']) or 'code' (item['tests'] in the sandbox)."""
+    'math' (answer match against item['answer']), 'code' (item['tests'] in the sandbox) or 'stdio' (the program
+    fed item['stdin'] must print item['stdout'])."""
     oracle = item.get("oracle")
     if oracle == "math":
         return check_answer(completion_text, item["answer"])
     if oracle == "code":
         return check_code(completion_text, item["tests"], timeout_s, memory_mb)
-    raise ValueError(f"question {item.get('id', '?')}: oracle={oracle!r}; expected 'math' or 'code'")
+    if oracle == "stdio":
+        return check_program_many([completion_text], [item["stdin"]], [item["stdout"]], timeout_s, memory_mb)[0]
+    raise ValueError(f"question {item.get('id', '?')}: oracle={oracle!r}; expected 'math', 'code' or 'stdio'")

@@ -1,4 +1,4 @@
-"""Hybrid 13-gram / 7-gram decontamination (data.decontaminate, spec section 7)."""
+"""Hybrid 13-gram / 7-gram decontamination (data.decontaminate, Phi-4 report App. B.1)."""
 import json
 from pathlib import Path
 

@@ -40,23 +40,19 @@ def test_table5_epochs_from_the_cli():
     assert {r["source"]: r["provenance"] for r in manifest["sources"]}["web_rewrites"] == "synthetic"
 
 
-def test_text_manifest_and_a_run_config(tmp_path, capsys):
+def test_text_manifest_and_a_run_config_refused_with_the_way_out(tmp_path, capsys):
     assert main([str(PRETRAIN)]) == 0
     text = capsys.readouterr().out
     line = next(ln for ln in text.splitlines() if ln.startswith("synthetic "))
     assert line.split()[1:] == ["synthetic", "290.00B", "40.0%", "4.00T", "13.8"]
     assert "synthetic 55.0%, organic 45.0%" in text
-    # A run config: its data section, total tokens from the train section (steps x global batch x seq_len).
+    # A run config belongs to train/ (its token budget is derived there): the message names the planner that prints
+    # its mixture (tests/train/test_plan.py) and the mixture file it includes.
     run = tmp_path / "run.yaml"
-    run.write_text(
-        "stage: pretrain\nmodel: {preset: tiny}\ntrain: {seq_len: 64, global_batch: 8, micro_batch: 2, max_steps: 100}\n"
-        "data:\n  sources:\n"
-        "    - {name: a, provenance: synthetic, weight: 0.75, unique_tokens: 12800}\n"
-        "    - {name: b, provenance: organic, weight: 0.25, unique_tokens: 51200}\n")
-    assert main([str(run), "--json"]) == 0
-    m = json.loads(capsys.readouterr().out)
-    assert m["total_tokens"] == 100 * 8 * 64
-    assert [(r["tokens_drawn"], r["epochs"]) for r in m["sources"]] == [(38400, 3.0), (12800, 0.25)]
+    run.write_text("stage: pretrain\ndata: {mixture: configs/data/phi4_pretrain_mixture.yaml}\n")
+    assert main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "run config" in err and "configs/data/phi4_pretrain_mixture.yaml" in err and "train.plan" in err
 
 
 def test_bad_mixtures_are_refused_with_names(tmp_path, capsys):

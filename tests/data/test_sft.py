@@ -18,7 +18,7 @@ from tests.helpers.train import TEST_MODEL, check, metrics, run_train, train_los
 from train.config import load_config
 
 IM_START, IM_END, IM_SEP = 100264, 100265, 100266
-ROLE_IDS = {"system": [9125], "user": [882], "assistant": [78191]}  # spec section 2
+ROLE_IDS = {"system": [9125], "user": [882], "assistant": [78191]}  # microsoft/phi-4 chat format
 
 
 @pytest.fixture(scope="module")

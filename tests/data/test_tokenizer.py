@@ -1,4 +1,4 @@
-"""Phi4Tokenizer: golden ids against raw tiktoken cl100k, the spec section 2 table, chat rendering and its loss mask,
+"""Phi4Tokenizer: golden ids against raw tiktoken cl100k, the microsoft/phi-4 special-token table, chat rendering and its loss mask,
 the Hugging Face export, and clear errors for a missing or corrupted BPE file."""
 import random
 import re

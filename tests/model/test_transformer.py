@@ -28,7 +28,7 @@ def test_phi4_14b_on_meta_device_has_exact_parameter_count():
     assert model.layers[0].attention.wqkv.weight.shape == (7680, 5120)  # Q 5120 | K 1280 | V 1280
     assert model.layers[0].feed_forward.w13.weight.shape == (35840, 5120)  # gate | up
     assert model.output.weight is not model.tok_embeddings.weight  # untied
-    # FLOPs/token anchors of perf-reliability.md section 0: 94.9 and 125.1 GFLOP at 4K and 16K.
+    # FLOPs/token anchors (PaLM App. B / Megatron's formula for this shape): 94.9 and 125.1 GFLOP at 4K and 16K.
     assert cfg.flops_per_token(4096) / 1e9 == pytest.approx(94.9, abs=0.05)
     assert cfg.flops_per_token(16384) / 1e9 == pytest.approx(125.1, abs=0.05)
 

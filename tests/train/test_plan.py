@@ -1,6 +1,6 @@
 """Planner: model-state memory against DeepSpeed's own estimators, the ZeRO paper's 16 Psi figures, activation
-memory against the tensors autograd really saves, the spec's computed constants (perf-reliability.md sections 0
-and A3), and the CLI's output on the 14B shape."""
+memory against the tensors autograd really saves, the 14B shape's computed constants (parameters,
+FLOPs/token, ZeRO model-state table), and the CLI's output on the 14B shape."""
 from __future__ import annotations
 
 import contextlib
@@ -109,7 +109,7 @@ def test_model_states_agree_with_deepspeed_on_the_14b_shape(tmp_path):
 
 def test_sixteen_psi_accounting_matches_the_zero_paper_and_the_spec():
     """params + grads + optimizer states (no DeepSpeed extras): ZeRO paper's 7.5B example, Nd = 64, and the spec's
-    14B table (perf-reliability.md A3), in GB = 1e9 bytes."""
+    14B ZeRO table (Rajbhandari et al. 2019, 16 bytes/param), in GB = 1e9 bytes."""
     def paper(psi, zero, nd):
         m = plan.model_state_bytes(psi, 0, zero, nd)
         return (m["params_16bit"] + m["grads_16bit"] + m["optimizer_states"]) / 1e9
@@ -247,3 +247,19 @@ def test_bad_config_is_a_configuration_error(tmp_path, capsys):
     path = stage_config(tmp_path)
     assert plan.main([path, "--gpus", "8", "train.nonsense=1"]) == 2
     assert "unknown key 'train.nonsense'" in capsys.readouterr().err
+
+
+def test_a_stage_plan_shows_its_mixture_over_the_stage_budget(tmp_path, capsys):
+    """Tokens drawn and epochs per source, total tokens from the train section (steps x global batch x seq_len)."""
+    run = tmp_path / "run.yaml"
+    run.write_text(
+        "stage: pretrain\nmodel: {preset: tiny}\ntrain: {seq_len: 64, global_batch: 8, micro_batch: 2, max_steps: 100}\n"
+        "data:\n  sources:\n"
+        "    - {name: a, provenance: synthetic, weight: 0.75, unique_tokens: 12800}\n"
+        "    - {name: b, provenance: organic, weight: 0.25, unique_tokens: 51200}\n")
+    assert plan.main([str(run), "--gpus", "1", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)["mixture"]
+    assert m["total_tokens"] == 100 * 8 * 64
+    assert [(r["tokens_drawn"], r["epochs"]) for r in m["sources"]] == [(38400, 3.0), (12800, 0.25)]
+    assert plan.main([str(run), "--gpus", "1"]) == 0
+    assert "synthetic 75.0%, organic 25.0%" in capsys.readouterr().out

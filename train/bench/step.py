@@ -20,7 +20,7 @@ from train.bench.timing import interleaved
 from train.config import REPO_ROOT
 from train.metrics import gemm_rate
 
-# Phi-4 ratios at toy size (perf-reliability.md A5): head_dim 32, 4 query heads per KV head, FFN 3.5 d, full vocab.
+# Phi-4 ratios at toy size: head_dim 32, 4 query heads per KV head, FFN 3.5 d, full vocab.
 TINY = dict(vocab_size=100_352, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=896)
 
 

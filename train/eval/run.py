@@ -1,6 +1,6 @@
 """Evaluation of a checkpoint, a run or an exported Hugging Face directory: `python -m train.eval <config.yaml> [k=v]`.
 
-Tasks (spec section 8), each on jsonl files, each giving one result record:
+Tasks (Phi-4 report §3 and §5), each on jsonl files, each giving one result record:
 - multiple choice by log-likelihood, k-shot (MMLU / ARC style): every choice is scored by the sum of its tokens'
   log-probs after the prompt, and by their mean (length-normalised); `primary` picks which one `accuracy` reports;
 - generative few-shot (GSM8K / MATH style): greedy or sampled completions, plain few-shot text (base models) or the

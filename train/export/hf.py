@@ -179,7 +179,7 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
 
 
 def _special_ids(cfg: ModelConfig) -> dict:
-    """Phi-4 bos/eos/pad (spec section 2); null for a toy vocab that lacks them (HF rejects out-of-range ids)."""
+    """Phi-4 bos/eos/pad (the microsoft/phi-4 tokenizer files); null for a toy vocab that lacks them (HF rejects out-of-range ids)."""
     ids = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
     return {k: (v if v < cfg.vocab_size else None) for k, v in ids.items()}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from data.fileio import atomic_path, atomic_write
+from data.fileio import atomic_path, atomic_write, read_jsonl
 from train.config import ConfigError, load_config, to_dict, to_yaml
 from train.pts.config import PTSConfig
 from train.pts.search import QuestionResult, search_question
@@ -31,38 +31,31 @@ def read_questions(path: str | os.PathLike) -> list[dict]:
     from data.tokenizer import validate_messages
 
     rows, ids = [], set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e})") from None
-            if not isinstance(row, dict) or "id" not in row:
-                raise ValueError(f"{where}: expected an object with an 'id'")
-            row["id"] = str(row["id"])
-            if row["id"] in ids:
-                raise ValueError(f"{where}: duplicate question id {row['id']!r}")
-            ids.add(row["id"])
-            if "messages" not in row:
-                if not isinstance(row.get("question"), str):
-                    raise ValueError(f"{where}: needs 'messages' (chat list) or 'question' (str)")
-                row["messages"] = [{"role": "user", "content": row["question"]}]
-            try:
-                validate_messages(row["messages"])
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            if row["messages"][-1]["role"] != "user":
-                raise ValueError(f"{where}: the last message must be the user's question")
-            oracle = row.get("oracle")
-            need = {"math": "answer", "code": "tests"}.get(oracle)
-            if need is None:
-                raise ValueError(f"{where}: oracle={oracle!r}; expected 'math' or 'code'")
-            if not isinstance(row.get(need), (str, int, float)) or (need == "tests" and not isinstance(row[need], str)):
-                raise ValueError(f"{where}: oracle {oracle!r} needs '{need}'")
-            rows.append(row)
+    for lineno, row in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if "id" not in row:
+            raise ValueError(f"{where}: expected an object with an 'id'")
+        row["id"] = str(row["id"])
+        if row["id"] in ids:
+            raise ValueError(f"{where}: duplicate question id {row['id']!r}")
+        ids.add(row["id"])
+        if "messages" not in row:
+            if not isinstance(row.get("question"), str):
+                raise ValueError(f"{where}: needs 'messages' (chat list) or 'question' (str)")
+            row["messages"] = [{"role": "user", "content": row["question"]}]
+        try:
+            validate_messages(row["messages"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if row["messages"][-1]["role"] != "user":
+            raise ValueError(f"{where}: the last message must be the user's question")
+        oracle = row.get("oracle")
+        need = {"math": "answer", "code": "tests"}.get(oracle)
+        if need is None:
+            raise ValueError(f"{where}: oracle={oracle!r}; expected 'math' or 'code'")
+        if not isinstance(row.get(need), (str, int, float)) or (need == "tests" and not isinstance(row[need], str)):
+            raise ValueError(f"{where}: oracle {oracle!r} needs '{need}'")
+        rows.append(row)
     return rows
 
 

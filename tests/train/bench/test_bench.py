@@ -140,7 +140,7 @@ def test_gpu_proxy_has_the_14b_layer_shape_and_flop_formula():
     assert (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size, cfg.n_layers) == (
         full.dim, full.n_heads, full.n_kv_heads, full.ffn_dim, full.vocab_size, 4)
     per_layer = (full.num_params() - 2 * full.vocab_size * full.dim - full.dim) // full.n_layers
-    assert per_layer == 340_787_200 + 2 * 5120  # perf-reliability.md section 0: 340.8 M matrices + 2 norms
+    assert per_layer == 340_787_200 + 2 * 5120  # 340.8 M matrices + 2 norms per Phi-4 layer
     non_embedding = 4 * per_layer + full.vocab_size * full.dim + full.dim  # LM head counted, as PaLM does
     for seq in (4096, 16384):
         expected = 6 * non_embedding + 12 * 4 * 40 * 128 * seq

@@ -13,7 +13,9 @@ import yaml
 
 from model.generate import Generation
 from train.config import REPO_ROOT, ConfigError, load_config
-from train.pts.run import PTSConfig, PivotalToken, find_pivotal_tokens, main, read_questions, search_question, split_point
+from train.pts.config import PTSConfig
+from train.pts.run import main, read_questions
+from train.pts.search import PivotalToken, find_pivotal_tokens, search_question, split_point
 
 
 class KnownProcess:
@@ -324,13 +326,13 @@ def test_run_dir_of_the_trainer_loads_and_samples(tmp_path):
     """The smoke config's model is a trainer run dir: model config from meta.json, weights from the checkpoint."""
     from tests.helpers.train import check, make_sources, run_train, write_run_config
     from train.checkpoint import consolidated_state_dict, find_latest
-    from train.pts.run import load_policy
+    from train.checkpoint import load_model
 
     run_dir = tmp_path / "run"
     cfg = write_run_config(tmp_path / "pretrain.yaml", make_sources(tmp_path / "src", docs_per_source=40), run_dir,
                            train={"max_steps": 1, "save_every": 1}, model={"max_seq_len": 128})
     check(run_train(cfg))
-    model = load_policy(str(run_dir), torch.device("cpu"), torch.float32)
+    model, _ = load_model(str(run_dir), torch.device("cpu"), torch.float32)
     assert (model.cfg.dim, model.cfg.n_layers, model.cfg.max_seq_len) == (32, 2, 128)
     saved = consolidated_state_dict(find_latest(run_dir)[0])
     assert all(torch.equal(p, saved[name]) for name, p in model.named_parameters())
