@@ -171,6 +171,20 @@ def finalize(cfg: RunConfig, where: str = "<config>") -> RunConfig:
     if t.global_batch % t.micro_batch:
         raise ConfigError(f"{where}: train.global_batch={t.global_batch} is not divisible by "
                           f"train.micro_batch={t.micro_batch}")
+    o = cfg.optim
+    ranges = [("optim.lr", o.lr, o.lr > 0, "> 0"), ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+              ("optim.eps", o.eps, o.eps > 0, "> 0"), ("optim.grad_clip", o.grad_clip, o.grad_clip >= 0, ">= 0 (0 = off)"),
+              ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0"),
+              ("optim.warmup_fraction", o.warmup_fraction, 0 <= o.warmup_fraction < 1, "in [0, 1)"),
+              ("optim.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+              ("optim.decay_fraction", o.decay_fraction, 0 < o.decay_fraction <= 1, "in (0, 1]"),
+              ("dpo.beta", cfg.dpo.beta, cfg.dpo.beta > 0, "> 0"),
+              ("data.held_out_fraction", cfg.data.held_out_fraction, 0 <= cfg.data.held_out_fraction < 1, "in [0, 1)"),
+              ("train.max_steps", t.max_steps, t.max_steps >= 0, ">= 0 (0 = derived from train.total_tokens)"),
+              ("train.total_tokens", t.total_tokens, t.total_tokens >= 0, ">= 0")]
+    for key, value, ok, expected in ranges:
+        if not (math.isfinite(value) and ok):  # NaN fails every comparison, inf is no rate
+            raise ConfigError(f"{where}: {key}={value}; expected a finite value {expected}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"{where}: optim.betas={cfg.optim.betas}; expected two values in [0, 1)")
     if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
@@ -184,7 +198,10 @@ def finalize(cfg: RunConfig, where: str = "<config>") -> RunConfig:
         t.total_tokens = t.max_steps * t.global_batch * t.seq_len
     if cfg.data.total_tokens <= 0:
         cfg.data.total_tokens = t.total_tokens
-    cfg.model.max_seq_len = max(cfg.model.max_seq_len, t.seq_len)
+    if t.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"{where}: train.seq_len={t.seq_len} is longer than the model's context model.max_seq_len="
+                          f"{cfg.model.max_seq_len}. A stage that grows the context says so: set model.max_seq_len "
+                          "too (as midtraining does), or lower train.seq_len")
     return cfg
 
 

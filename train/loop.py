@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -39,13 +40,21 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.stop = StopRequested()
+        self.dist_state = None
+        # The data is read and validated here, before a process group or a model exists (errors: exit 2).
+        self.stage = build_stage(cfg, rank=int(os.environ.get("RANK", 0)), world_size=env_world_size())
+        self.batches = self.stage.batches
 
     def run(self) -> int:
+        """Train; any failure Python sees is recorded in exit_status.json as "failed" with the error."""
+        try:
+            return self._run()
+        except BaseException as e:
+            self._exit_status("failed", getattr(self, "step", 0), f"{type(e).__name__}: {e}")
+            raise
+
+    def _run(self) -> int:
         cfg = self.cfg
-        world = env_world_size()
-        # Validate the data before a process group or a model exists.
-        self.stage = build_stage(cfg, rank=int(os.environ.get("RANK", 0)), world_size=world)
-        self.batches = self.stage.batches
         self.dist_state = d = init_distributed(cfg.train.device, cfg.train.precision)
         logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING,
                             format=f"%(asctime)s [rank{d.rank}] %(name)s: %(message)s", force=True)
@@ -56,7 +65,8 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             self._exit_status("running", 0)
 
-        resume = checkpoint.find_latest(self.run_dir) if cfg.train.resume == "auto" else None
+        resume = (checkpoint.find_resumable(self.run_dir, d.rank, d.world_size, d.device)
+                  if cfg.train.resume == "auto" else None)
         universal = bool(resume and resume[1].get("world_size") != d.world_size and resume[1].get("zero_stage", 0) > 0)
         ds_config = deepspeed_config(cfg, d.world_size, d.precision, load_universal=universal)
         if d.is_main:
@@ -261,9 +271,16 @@ class Trainer:
         log.info("saved checkpoint %s", tag_dir)
 
     def _exit_status(self, status: str, step: int, message: str = "") -> None:
-        if self.dist_state.is_main:
-            atomic_write(self.run_dir / "exit_status.json",
-                         json.dumps({"status": status, "step": step, "message": message, "time": time.time()}))
+        """Rank 0 records the run's state; "running" carries the host and pid, so a reader can tell a live run
+        from one that died without a word (killed by the OOM killer, SIGKILL, a node failure)."""
+        is_main = self.dist_state.is_main if self.dist_state else int(os.environ.get("RANK", 0)) == 0
+        if not is_main:
+            return
+        record = {"status": status, "step": step, "message": message, "time": time.time()}
+        if status == "running":
+            record.update(host=socket.gethostname(), pid=os.getpid())
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.run_dir / "exit_status.json", json.dumps(record))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,7 +292,34 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args[0], args[1:])
         grad_accum_steps(cfg, env_world_size())
         validate(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+        check_resume_schedule(cfg)
+        trainer = Trainer(cfg)  # reads and validates the stage's data
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # ValueError: the data errors name file and line
         print(f"configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    return Trainer(cfg).run()
+    return trainer.run()
+
+
+# What the LR at every step depends on: resuming with another value would jump or repeat the schedule.
+SCHEDULE_KEYS = ("train.max_steps", "optim.lr", "optim.schedule", "optim.warmup_steps", "optim.warmup_fraction",
+                 "optim.min_lr_ratio", "optim.decay_fraction")
+
+
+def check_resume_schedule(cfg: RunConfig) -> None:
+    """Refuse to resume a run whose LR schedule changed: the saved scheduler would continue the old curve."""
+    if cfg.train.resume != "auto":
+        return
+    found = checkpoint.find_latest(cfg.output_dir)
+    if found is None or "config" not in found[1]:
+        return
+    saved, now = found[1]["config"], to_dict(cfg)
+    changed = []
+    for key in SCHEDULE_KEYS:
+        section, name = key.split(".")
+        if saved.get(section, {}).get(name) != now[section][name]:
+            changed.append(f"{key}: {saved.get(section, {}).get(name)} -> {now[section][name]}")
+    if changed:
+        raise ConfigError(f"{cfg.output_dir}: resuming from {found[0].name} with a changed LR schedule ("
+                          + "; ".join(changed) + "). A resumed run continues its saved schedule exactly; to train "
+                          "longer or differently, start a new stage with train.init_from=" + str(cfg.output_dir)
+                          + " in a new output_dir, or set train.resume=none to start this one over.")

@@ -49,7 +49,7 @@ def reference_identity(init_from: str) -> dict:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
         kind, meta_sha = "hf", sha256_file(path / "config.json")
     else:
-        path, _ = resolve_checkpoint_dir(path)
+        path, _ = resolve_checkpoint_dir(path, verify_files=False)  # identity only; init_from verified it
         files = sorted(p for p in path.rglob("*") if p.is_file())
         kind, meta_sha = "checkpoint", sha256_file(path / "meta.json")
     return {"kind": kind, "name": path.name, "meta_sha256": meta_sha,
