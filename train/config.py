@@ -94,7 +94,7 @@ class LoggingConfig:
 
 @dataclass
 class DPOConfig:
-    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo (length-averaged log-probs, as TRL) | ipo_sum (summed log-probs)
     beta: float = 0.1  # ASSUMPTION: the paper gives no DPO hyperparameters
     ref_cache: str = ""  # reference log-prob cache file; default <output_dir>/ref_logps.pt
     ref_chunk_pairs: int = 2048  # pairs per resumable chunk of the reference log-prob computation
@@ -157,7 +157,7 @@ def finalize(cfg: RunConfig, where: str = "<config>") -> RunConfig:
     _choice(cfg.optim.schedule, SCHEDULES, "optim.schedule", where)
     _choice(cfg.deepspeed.zero_stage, (0, 1, 2, 3), "deepspeed.zero_stage", where)
     _choice(cfg.logging.wandb.mode, ("online", "offline", "disabled"), "logging.wandb.mode", where)
-    _choice(cfg.dpo.loss, ("sigmoid", "ipo"), "dpo.loss", where)
+    _choice(cfg.dpo.loss, ("sigmoid", "ipo", "ipo_sum"), "dpo.loss", where)
     for src in cfg.data.sources:
         _choice(src.provenance, PROVENANCES, f"data.sources[{src.name}].provenance", where)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from train.config import ConfigError, RunConfig
-from train.stages.dpo_loss import preference_loss, sequence_logps
+from train.stages.dpo_loss import completion_lengths, preference_loss, sequence_logps
 from train.stages.ref_cache import RefCacheError, prepare_reference
 from train.stages.sft import has_records
 
@@ -33,7 +33,8 @@ class DPOStage:
         reference = self.ref_logps[batch["pair_ids"].cpu()].to(device=policy.device, dtype=policy.dtype)
         if not torch.isfinite(reference).all():
             raise RefCacheError(f"reference log-probs missing for pairs {batch['pair_ids'].tolist()}")
-        losses, stats = preference_loss(policy, reference, self.cfg.dpo.beta, self.cfg.dpo.loss)
+        lengths = completion_lengths(batch) if self.cfg.dpo.loss == "ipo" else None
+        losses, stats = preference_loss(policy, reference, self.cfg.dpo.beta, self.cfg.dpo.loss, lengths)
         return losses.sum(), {k: float(v) for k, v in stats.items()}
 
     def loss_units(self, batch: dict) -> int:

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from data.packing import ChatDataError
-from data.pairs import EOS_ID, PairBatches
-from data.tokenizer import Phi4Tokenizer
-from model import ModelConfig, Transformer
-from tests.helpers.train import TEST_MODEL, check, exit_status, metrics, run_train, train_losses
+from data.configfile import ConfigError
+from data.pairs import PairBatches
+from data.tokenizer import EOS_ID
+from model.transformer import Transformer
+from tests.helpers.models import TINY, TINY_RUN_CONTEXT, as_overrides
+from tests.helpers.models import tiny_model as build_tiny
+from tests.helpers.train import check, exit_status, metrics, run_train, train_losses
 from train.config import load_config
 from train.distributed import DistState
 from train.stages.build import validate
@@ -20,17 +23,11 @@ from train.stages.dpo_loss import preference_loss, sequence_logps
 from train.stages.ref_cache import RefCacheError, cache_path, compute_ref_logps, load_ref_cache, prepare_reference
 
 GEN_PROMPT = [100264, 78191, 100266]  # <|im_start|>assistant<|im_sep|>
-MODEL_ARGS = {k: v for k, v in TEST_MODEL.items() if k != "preset"}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Phi4Tokenizer()
 
 
 def tiny_model(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(**MODEL_ARGS, max_seq_len=128))
+    """TINY at the tiny preset's context: the shape the smoke configs' trainer builds from `as_overrides(TINY)`."""
+    return build_tiny(seed, max_seq_len=TINY_RUN_CONTEXT)
 
 
 def text_pairs(n: int) -> list[dict]:
@@ -67,8 +64,16 @@ def test_loss_is_ln2_when_policy_equals_reference_and_gradients_point_the_right_
     assert stats["rewards_margin"] == 0 and stats["rewards_accuracy"] == 0
     losses.sum().backward()
     assert (policy.grad[:, 0] < 0).all() and (policy.grad[:, 1] > 0).all()  # descent: chosen up, rejected down
-    ipo, _ = preference_loss(policy, policy.detach(), beta=0.1, kind="ipo")
+    ipo, _ = preference_loss(policy, policy.detach(), beta=0.1, kind="ipo_sum")
     assert torch.allclose(ipo, torch.full((3,), (1 / 0.2) ** 2))
+    # ipo as its authors (and TRL) define it: log-probs averaged over each completion's tokens first.
+    lengths = torch.tensor([[2.0, 4.0]])
+    ipo, stats = preference_loss(torch.tensor([[-4.0, -8.0]]), torch.tensor([[-5.0, -7.0]]), beta=0.5, kind="ipo",
+                                 lengths=lengths)
+    assert ipo.item() == pytest.approx((0.75 - 1.0) ** 2)  # h = (-2 - -2) - (-2.5 - -1.75) = 0.75
+    assert stats["rewards_chosen"] == pytest.approx(0.5 * 0.5) and stats["rewards_rejected"] == pytest.approx(-0.125)
+    with pytest.raises(ValueError, match="lengths"):
+        preference_loss(policy, policy.detach(), beta=0.1, kind="ipo")
     ref = torch.tensor([[-5.0, -7.0]])
     better = torch.tensor([[-4.0, -8.0]])  # chosen up 1, rejected down 1
     losses, stats = preference_loss(better, ref, beta=0.5)
@@ -187,7 +192,7 @@ def test_prepare_reference_refuses_a_cache_of_other_data(tmp_path, tok):
     cfg = load_config("configs/smoke/dpo.yaml", [f"output_dir={tmp_path / 'run'}", f"data.dpo_path={data}",
                                                  f"train.init_from={tmp_path / 'ref_model'}", "train.seq_len=128",
                                                  "data.held_out_fraction=0",
-                                                 *(f"model.{k}={v}" for k, v in MODEL_ARGS.items())])
+                                                 *as_overrides(TINY)])
     dist_state = DistState(0, 1, 0, torch.device("cpu"), "fp32")
     pb = PairBatches(data, seq_len=128, micro_batch=2, global_batch=8, tokenizer=tok)
     first = prepare_reference(cfg, model, pb, dist_state, resumed=False)
@@ -239,8 +244,6 @@ def test_shipped_dpo_configs_load():
 
 
 def test_stage_checks_fail_before_compute(tmp_path):
-    from train.config import ConfigError
-
     data = write_jsonl(tmp_path / "p.jsonl", text_pairs(2))
     base = [f"data.dpo_path={data}", f"train.init_from={tmp_path}"]
     validate(load_config("configs/smoke/dpo.yaml", base))
@@ -266,7 +269,7 @@ def runs(tmp_path_factory):
     generate(root / "raw", seed=0, scale="small")
     pairs = (root / "raw" / "dpo.jsonl").read_text().splitlines()[:24]
     (root / "pairs.jsonl").write_text("\n".join(pairs) + "\n")
-    common = [*(f"model.{k}={v}" for k, v in MODEL_ARGS.items()), "logging.wandb.mode=disabled"]
+    common = [*as_overrides(TINY), "logging.wandb.mode=disabled"]
     sft = root / "sft"
     check(run_train("configs/smoke/sft.yaml", [
         *common, f"output_dir={sft}", f"data.sft_path={root / 'raw' / 'sft.jsonl'}", "train.init_from=''",
