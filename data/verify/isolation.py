@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import marshal
 import math
 import os
 import random
@@ -31,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,7 +44,7 @@ INSTALL_HINT = ("the code sandbox needs bubblewrap: `apt-get install bubblewrap`
 MAX_BATCH = 64  # items per sandbox start (one pipe each)
 _RUNNER = (Path(__file__).parent / "sandbox_runner.py").read_text(encoding="utf-8")
 _STARTUP_S = 20.0  # bwrap + interpreter start on a loaded machine, before the first item's own limit counts
-_SLACK_S = 3.0  # per item, past its wall limit: killing, reading and cleaning up after it
+_SLACK_S = 2.0  # per item, past its wall limit: killing, reading and cleaning up after it
 _UID_RANGE = (1 << 30, (1 << 30) + (1 << 24))  # uids no account uses: one per sandbox when started as root
 
 
@@ -50,12 +52,16 @@ class SandboxUnavailable(RuntimeError):
     """No usable OS-level sandbox on this machine (and the unsafe mode was not chosen)."""
 
 
+class SandboxStartError(SandboxUnavailable):
+    """A sandbox failed to start (no item had run yet)."""
+
+
 @dataclass(frozen=True)
 class Limits:
     timeout_s: float = 5.0
     memory_mb: int = 512
     max_output_bytes: int = 1 << 20
-    max_processes: int = 16
+    max_processes: int = 8  # tasks (processes and threads) an item may have at once; memory bound: x memory_mb
     scratch_mb: int = 64
 
     def __post_init__(self):
@@ -76,7 +82,8 @@ def _python() -> tuple[str, list[str]]:
     """The base interpreter (never a venv's) and the directories it needs read-only."""
     exe = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
     dirs = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix, os.path.dirname(exe))}
-    return exe, sorted(d for d in dirs if d != "/usr" and not d.startswith("/usr/"))
+    dirs = sorted(d for d in dirs if d != "/usr" and not d.startswith("/usr/"))
+    return exe, [d for d in dirs if not any(d.startswith(other + "/") for other in dirs)]  # outermost only
 
 
 def _bwrap_command(bwrap: str, as_root: bool, limits: Limits, disable_userns: bool) -> list[str]:
@@ -142,8 +149,17 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _run_batch(jobs: list[dict], limits: Limits) -> tuple[list[dict], str | None]:
-    """Records of the leading items that completed, and why the batch stopped early (None when it did not)."""
+def _feed(pipe, data: bytes) -> None:
+    try:
+        pipe.write(data)
+        pipe.close()
+    except (BrokenPipeError, ValueError, OSError):  # the sandbox died or was killed first
+        pass
+
+
+def _run_batch(jobs: list[dict], limits: Limits) -> tuple[list[dict], dict | None]:
+    """Records of the leading items that completed, and why the batch stopped early (None when it did not):
+    {'broken': reason, 'timed_out': bool}."""
     unsafe = mode() == "unsafe-local"
     pipes = [os.pipe() for _ in jobs]
     scratch = tempfile.mkdtemp(prefix="phi4-sandbox-") if unsafe else "/tmp"
@@ -152,62 +168,80 @@ def _run_batch(jobs: list[dict], limits: Limits) -> tuple[list[dict], str | None
            "uid": random.SystemRandom().randrange(*_UID_RANGE),
            "limits": {"timeout_s": limits.timeout_s, "cpu_s": max(1, math.ceil(limits.timeout_s)),
                       "memory_bytes": limits.memory_mb << 20, "max_output_bytes": limits.max_output_bytes,
-                      "max_processes": limits.max_processes + 1}}  # + the runner, which shares the uid
+                      # its processes and threads, plus the runner (and bwrap's init as a user): one uid
+                      "max_processes": limits.max_processes + 2}}
     if unsafe:
         cmd, env = [sys.executable, "-I", "-S", "-B", "-c", _RUNNER, "unsafe"], {
             "PATH": os.defpath, "LC_ALL": "C.UTF-8"}
     else:
         bwrap, disable_userns = _bwrap_ready()
         cmd, env = _bwrap_command(bwrap, as_root, limits, disable_userns), {"PATH": os.defpath}
-    records, broke = [], None
+    records, broke, finished = [], None, False
     proc = None
-    open_fds = {fd for pipe in pipes for fd in pipe}
+    ready = os.pipe()
+    open_fds = {fd for pipe in pipes + [ready] for fd in pipe}
     try:
+        job["ready"] = ready[1]  # the runner's "ready" line, before the first item
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                pass_fds=job["channels"], start_new_session=True, cwd=scratch if unsafe else "/",
-                                env=env)
-        for _, w in pipes:  # the sandbox holds the write ends now; an EOF here means the item's record is complete
+                                pass_fds=[ready[1]] + job["channels"], start_new_session=True,
+                                cwd=scratch if unsafe else "/", env=env)
+        for _, w in pipes + [ready]:  # the sandbox holds the write ends now: EOF means the writer is done
             os.close(w)
             open_fds.discard(w)
-        try:
-            proc.stdin.write(json.dumps(job).encode())
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        records, broke = _collect(proc, [r for r, _ in pipes], limits)
+        # Fed from a thread: a sandbox that never reads must not block us past the start-up deadline.
+        threading.Thread(target=_feed, args=(proc.stdin, marshal.dumps(job)), daemon=True).start()
+        records, broke = _collect(proc, ready[0], [r for r, _ in pipes], limits)
+        finished = broke is None
     finally:
         for fd in open_fds:  # each exactly once: other threads' pipes may reuse a closed number
             os.close(fd)
         if proc is not None:
+            if finished:  # let it exit by itself (its CPU time is then counted as ours); then make sure
+                try:
+                    proc.wait(timeout=_SLACK_S)
+                except subprocess.TimeoutExpired:
+                    pass
             _kill(proc)
-            proc.stderr.close()
+            proc.stderr.close()  # (stdin is the feeding thread's to close)
         if unsafe:
             shutil.rmtree(scratch, ignore_errors=True)
     return records, broke
 
 
-def _collect(proc: subprocess.Popen, reads: list[int], limits: Limits) -> tuple[list[dict], str | None]:
-    """Read each item's pipe in turn; the item under way gets its wall limit plus slack, then the batch is broken."""
+def _collect(proc: subprocess.Popen, ready: int, reads: list[int], limits: Limits) -> tuple[list[dict], dict | None]:
+    """Read each item's pipe in turn; the item under way gets its wall limit plus slack, then the batch is broken.
+    Raises SandboxStartError when the sandbox did not start (no item ran: nothing to blame on one)."""
     cap = 8 * limits.max_output_bytes + (1 << 20)  # JSON escapes can grow text sixfold
     sel = selectors.DefaultSelector()
     for k, fd in enumerate(reads):
         sel.register(fd, selectors.EVENT_READ, k)
     sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+    sel.register(ready, selectors.EVENT_READ, "ready")
     bufs, ended, early = [bytearray() for _ in reads], [False] * len(reads), set()
-    stderr = bytearray()
+    stderr, started = bytearray(), bytearray()
     records, current = [], 0
-    deadline = time.monotonic() + _STARTUP_S + limits.timeout_s + _SLACK_S
+    deadline = time.monotonic() + _STARTUP_S
     try:
         while current < len(reads):
             left = deadline - time.monotonic()
+            if left <= 0 and len(started) < 6:
+                raise SandboxStartError(f"the sandbox did not start within {_STARTUP_S:.0f} s: "
+                                        f"{stderr.decode(errors='replace').strip()[-2000:]}")
             if left <= 0:
-                return records, f"the sandbox gave no result within {limits.timeout_s + _SLACK_S:.0f} s"
+                return records, {"broken": f"the sandbox gave no result within {limits.timeout_s + _SLACK_S:.0f} s",
+                                 "timed_out": True}
             for key, _ in sel.select(left):
-                if key.data == "stderr":
+                if key.data in ("stderr", "ready"):
                     chunk = os.read(key.fd, 1 << 16)
-                    stderr += chunk[:max(0, 8192 - len(stderr))]
+                    kept = stderr if key.data == "stderr" else started
+                    kept += chunk[:max(0, 8192 - len(kept))]
                     if not chunk:
                         sel.unregister(key.fd)
+                        if key.data == "ready" and started != b"ready\n":
+                            raise SandboxStartError(f"the sandbox did not start (exit {proc.poll()}): "
+                                                    f"{stderr.decode(errors='replace').strip()[-2000:]}")
+                    elif key.data == "ready" and started == b"ready\n":
+                        deadline = time.monotonic() + limits.timeout_s + _SLACK_S
                     continue
                 k = key.data
                 chunk = os.read(key.fd, 1 << 20)
@@ -219,12 +253,13 @@ def _collect(proc: subprocess.Popen, reads: list[int], limits: Limits) -> tuple[
                 else:
                     bufs[k] += chunk
                     if len(bufs[k]) > cap:
-                        return records, "the sandbox sent an oversized record"
+                        return records, {"broken": "the sandbox sent an oversized record", "timed_out": False}
             while current < len(reads) and ended[current]:
                 record = _parse_record(bufs[current]) if current not in early else None
                 if record is None:
                     why = stderr.decode(errors="replace").strip()[-2000:]
-                    return records, f"the sandbox runner stopped while this item ran{': ' + why if why else ''}"
+                    return records, {"broken": f"the sandbox runner stopped while this item ran"
+                                               f"{': ' + why if why else ''}", "timed_out": False}
                 records.append(record)
                 current += 1
                 deadline = time.monotonic() + limits.timeout_s + _SLACK_S
@@ -246,9 +281,16 @@ def _parse_record(data: bytes) -> dict | None:
     return record
 
 
+def _start_batch(jobs: list[dict], limits: Limits) -> tuple[list[dict], dict | None]:
+    try:
+        return _run_batch(jobs, limits)
+    except SandboxStartError:  # once more, in case the machine was briefly out of processes or memory
+        return _run_batch(jobs, limits)
+
+
 def execute(jobs: list[dict], limits: Limits, workers: int | None = None) -> list[dict]:
     """Run jobs ({'code', 'steps', 'stdin'}) in sandboxes, up to `workers` at once; one record per job, or
-    {'broken': reason} for a job whose own sandbox broke while it ran."""
+    {'broken': reason, 'timed_out': bool} for a job whose own sandbox broke while it ran."""
     if mode() == "bwrap":
         _bwrap_ready()
     n = len(jobs)
@@ -258,7 +300,7 @@ def execute(jobs: list[dict], limits: Limits, workers: int | None = None) -> lis
     out: list = [None] * n
     while pending:
         with ThreadPoolExecutor(min(workers, len(pending))) as pool:
-            ran = list(pool.map(lambda p: _run_batch([jobs[i] for i in p[0]], limits), pending))
+            ran = list(pool.map(lambda p: _start_batch([jobs[i] for i in p[0]], limits), pending))
         retry = []
         for (indices, alone), (records, broke) in zip(pending, ran):
             for i, record in zip(indices, records):
@@ -266,7 +308,7 @@ def execute(jobs: list[dict], limits: Limits, workers: int | None = None) -> lis
             if broke is not None:
                 k, rest = indices[len(records)], indices[len(records) + 1:]
                 if alone:
-                    out[k] = {"broken": broke}
+                    out[k] = broke
                 else:
                     retry.append(([k], True))
                     if rest:

@@ -13,7 +13,7 @@ import math
 import signal
 from dataclasses import dataclass
 
-from data.verify.checks import UncheckableTests, CheckPlan, parse_tests, verdict
+from data.verify.checks import CheckPlan, UncheckableTests, parse_tests, verdict
 from data.verify.isolation import Limits, SandboxUnavailable, execute, isolation, mode
 from data.verify.values import Unencodable, decode
 
@@ -35,10 +35,10 @@ class SandboxResult:
 def _unfinished(record: dict, cpu_limit_s: int) -> tuple[str, str, dict | None]:
     """(status, reason, child result) of a record; status is '' when the item ran to its end."""
     if "broken" in record:
-        return ("timeout" if "no result within" in record["broken"] else "error"), record["broken"], None
+        return ("timeout" if record["timed_out"] else "error"), record["broken"], None
     try:
         result = json.loads(record["result"]) if record["result"] is not None else None
-    except ValueError:
+    except (ValueError, RecursionError):  # the item may have written anything there
         result = None
     if not isinstance(result, dict):
         result = None
@@ -95,9 +95,9 @@ def _limits(timeout_s, memory_mb, max_output_bytes, max_processes) -> Limits:
                   max_processes=max_processes)
 
 
-def run_python_many(items: list[tuple[str, str]], timeout_s: float = 5.0, memory_mb: int = 512,
-                    max_output_bytes: int = 1 << 20, max_processes: int = 16,
-                    workers: int | None = None) -> list[SandboxResult]:
+def run_python_many(items: list[tuple[str, str]], timeout_s: float = Limits.timeout_s,
+                    memory_mb: int = Limits.memory_mb, max_output_bytes: int = Limits.max_output_bytes,
+                    max_processes: int = Limits.max_processes, workers: int | None = None) -> list[SandboxResult]:
     """Run each (code, tests) pair: the code, then its tests' setup lines and probes, in its own sandboxed process
     with these limits; passed when every assert holds, judged here. UncheckableTests for tests that cannot be split."""
     limits = _limits(timeout_s, memory_mb, max_output_bytes, max_processes)
@@ -116,8 +116,8 @@ def run_python_many(items: list[tuple[str, str]], timeout_s: float = 5.0, memory
     return [_judge_tests(r, plan, cpu_limit_s) for r, plan in zip(records, plans)]
 
 
-def run_python(code: str, tests: str, timeout_s: float = 5.0, memory_mb: int = 512,
-               max_output_bytes: int = 1 << 20) -> SandboxResult:
+def run_python(code: str, tests: str, timeout_s: float = Limits.timeout_s, memory_mb: int = Limits.memory_mb,
+               max_output_bytes: int = Limits.max_output_bytes) -> SandboxResult:
     """Run `code` then `tests` (top-level asserts) in the sandbox; passed when every assert holds."""
     return run_python_many([(code, tests)], timeout_s, memory_mb, max_output_bytes)[0]
 
@@ -127,9 +127,9 @@ def normalize_stdout(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.splitlines()).rstrip("\n")
 
 
-def run_program_many(items: list[tuple[str, str, str]], timeout_s: float = 5.0, memory_mb: int = 512,
-                     max_output_bytes: int = 1 << 20, max_processes: int = 16,
-                     workers: int | None = None) -> list[SandboxResult]:
+def run_program_many(items: list[tuple[str, str, str]], timeout_s: float = Limits.timeout_s,
+                     memory_mb: int = Limits.memory_mb, max_output_bytes: int = Limits.max_output_bytes,
+                     max_processes: int = Limits.max_processes, workers: int | None = None) -> list[SandboxResult]:
     """Run each (code, stdin, expected_stdout) as a program (`__name__ == "__main__"`); passed when it ends
     normally (exit status 0) and its stdout equals the expected one (`normalize_stdout`), compared here."""
     limits = _limits(timeout_s, memory_mb, max_output_bytes, max_processes)

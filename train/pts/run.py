@@ -130,7 +130,13 @@ def summarize(done: dict[str, dict], selected: int) -> dict:
 def make_judge(item: dict, tokenizer, cfg: PTSConfig):
     """The question's oracle on response token ids, cached per response text."""
     from data.verify.answers import check_answer, check_code_many
+    from data.verify.checks import UncheckableTests, parse_tests
 
+    if item["oracle"] == "code":  # tests that cannot be judged outside the sandbox: refuse before sampling
+        try:
+            parse_tests(item["tests"])
+        except UncheckableTests as e:
+            raise ValueError(f"question {item['id']}: tests: {e}") from None
     eos, cache = set(cfg.eos_ids), {}
 
     def judge(responses: list[list[int]]) -> list[bool]:
