@@ -6,7 +6,10 @@ includes and derived values on top.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,13 +26,59 @@ def _valid_keys(schema_node: Any) -> list[str]:
     return sorted(schema_node.keys()) if OmegaConf.is_dict(schema_node) else []
 
 
-def _explain(exc: OmegaConfBaseException, base, where: str) -> ConfigError:
+def _list_entry_class(hint) -> type | None:
+    """X for a field typed list[X] with X a dataclass, else None."""
+    if typing.get_origin(hint) is list:
+        (arg,) = typing.get_args(hint) or (None,)
+        return arg if dataclasses.is_dataclass(arg) else None
+    return None
+
+
+def _failing_entry(raw, schema: type, prefix: str = "") -> str | None:
+    """The full key ('sources[1].txt_field') of the first list entry of `raw` that `schema` rejects, else None.
+
+    OmegaConf names a key inside a list entry without the entry ('txt_field'), so each entry of a list of
+    dataclasses is merged on its own here to say which one it is."""
+    if not (dataclasses.is_dataclass(schema) and isinstance(raw, dict)):
+        return None
+    try:
+        hints = typing.get_type_hints(schema)
+    except (NameError, TypeError):  # an annotation that cannot be evaluated: keep OmegaConf's own key
+        return None
+    for key, value in raw.items():
+        hint = hints.get(key)
+        entry_cls = _list_entry_class(hint)
+        if entry_cls is not None and isinstance(value, list):
+            for i, entry in enumerate(value):
+                if not isinstance(entry, dict):
+                    continue
+                where = f"{prefix}{key}[{i}]."
+                try:
+                    OmegaConf.merge(OmegaConf.structured(entry_cls), OmegaConf.create(entry))
+                except OmegaConfBaseException as e:
+                    return _failing_entry(entry, entry_cls, where) or where + str(getattr(e, "full_key", "") or "?")
+        elif dataclasses.is_dataclass(hint):
+            found = _failing_entry(value, hint, f"{prefix}{key}.")
+            if found:
+                return found
+    return None
+
+
+def _explain(exc: OmegaConfBaseException, base, where: str, raw: dict | None = None,
+             schema: type | None = None) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
+    if raw is not None and schema is not None and "[" not in key:  # a merge's key lacks the list entry it is in
+        found = _failing_entry(raw, schema)
+        if found and found.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]:
+            key = found
     if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        node = OmegaConf.select(base, parent) if parent else base
-        choices = ", ".join(_valid_keys(node))
-        return ConfigError(f"{where}: unknown key '{key}'. Valid keys{' under ' + repr(parent) if parent else ''}: {choices}")
+        node = getattr(exc, "parent_node", None)  # the node that lacks the key: a list entry's own keys
+        valid = _valid_keys(node) or _valid_keys(OmegaConf.select(base, parent) if parent else base)
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return ConfigError(f"{where}: unknown key '{key}'{hint}. "
+                           f"Valid keys{' under ' + repr(parent) if parent else ''}: {', '.join(valid)}")
     if isinstance(exc, ValidationError):
         msg = str(exc).splitlines()[0]
         return ConfigError(f"{where}: bad value for '{key}': {msg}")
@@ -65,7 +114,7 @@ def load_typed(path: str | os.PathLike | None, overrides: Sequence[str] = (), sc
     try:
         merged = OmegaConf.merge(base, OmegaConf.create(raw))
     except OmegaConfBaseException as e:
-        raise _explain(e, base, where) from None
+        raise _explain(e, base, where, raw, schema) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
     for item in overrides:  # one at a time, so list entries work too: data.sources.1.weight=0.2

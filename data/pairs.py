@@ -34,7 +34,7 @@ from data.mixture import held_out_mask
 from data.order import LayoutError, SampleCursor, check_seq_len
 from data.packing import (ChatDataError, best_fit_rows, cached_arrays, order_state, pack_segments, restore_order,
                           segment_arrays)
-from data.tokenizer import EOS_ID, IGNORE_INDEX, VOCAB_SIZE  # EOS <|im_end|> ends a text completion
+from data.tokenizer import EOS_ID, IGNORE_INDEX, PAD_ID, VOCAB_SIZE  # EOS <|im_end|> ends a text completion
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,16 @@ def _token_ids(value, key: str, where: str) -> np.ndarray:
     if not isinstance(value, list) or not value or not all(isinstance(t, int) and not isinstance(t, bool)
                                                            for t in value):
         raise ChatDataError(f"{where}: '{key}' must be a non-empty list of integer token ids")
-    ids = np.asarray(value, dtype=np.int64)
-    if ids.min() < 0 or ids.max() >= VOCAB_SIZE:
-        raise ChatDataError(f"{where}: '{key}' holds ids outside the vocabulary [0, {VOCAB_SIZE})")
-    return ids.astype(np.int32)
+    # Range-checked as Python ints: a huge id (2**70) would overflow int64 before numpy could check it.
+    if min(value) < 0 or max(value) >= VOCAB_SIZE:
+        i = next(i for i, t in enumerate(value) if not 0 <= t < VOCAB_SIZE)
+        raise ChatDataError(f"{where}: '{key}'[{i}] = {value[i]} is outside the vocabulary [0, {VOCAB_SIZE})")
+    ids = np.asarray(value, dtype=np.int32)
+    pad = np.flatnonzero(ids == PAD_ID)
+    if pad.size:  # pad marks unused row positions; as data it would be attended to and trained on
+        raise ChatDataError(f"{where}: '{key}'[{pad[0]}] = {PAD_ID} is the pad id <|dummy_85|>, which real text "
+                            f"never holds (padding left in a rollout?)")
+    return ids
 
 
 def parse_pair(obj: dict, where: str, tok) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
@@ -70,6 +76,8 @@ def parse_pair(obj: dict, where: str, tok) -> tuple[np.ndarray, np.ndarray, np.n
         if not isinstance(obj[key], str):
             raise ChatDataError(f"{where}: '{key}' must be a string (or use '{key}_ids' for token ids), got "
                                 f"{type(obj[key]).__name__}")
+        if not obj[key].strip():  # the completion would be <|im_end|> alone: a preference for saying nothing
+            raise ChatDataError(f"{where}: '{key}' is empty; expected the text of a completion")
     try:
         prompt = tok.apply_chat_template(obj["prompt"], add_generation_prompt=True)
     except ValueError as e:

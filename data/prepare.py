@@ -141,16 +141,28 @@ def _settings_diff(old: dict, new: dict) -> str:
     return ", ".join(keys) or "none"
 
 
-def prepare_source(src: PrepareSource, output_dir: str | Path, tok, num_workers: int = 0, overwrite: bool = False,
-                   progress: bool = True, log=print) -> dict:
-    """Tokenize one source into `<output_dir>/<name>/`; returns its manifest. Resumes; a complete output is verified."""
-    out_dir = Path(output_dir) / src.name
-    files = list_inputs(src.input_paths(), src.suffixes)
+def source_inputs(src: PrepareSource, key: str = "") -> list[Path]:
+    """A source's input files, checked before anything is tokenized; `key` ('sources[1]') names it in errors."""
+    label = f"{key} ({src.name})" if key else f"source '{src.name}'"
+    try:
+        files = list_inputs(src.input_paths(), src.suffixes)
+    except (FileNotFoundError, ValueError) as e:  # missing, a link loop, a file listed twice
+        raise PrepareError(f"{label}: {e}") from None
     if src.kind == "chat":
         plain = [str(p) for p in files if not p.name.endswith(RECORD_SUFFIXES)]
         if plain:
-            raise PrepareError(f"source '{src.name}': kind chat reads {list(RECORD_SUFFIXES)} files with a messages "
+            raise PrepareError(f"{label}: kind chat reads {list(RECORD_SUFFIXES)} files with a messages "
                                f"list per record; these are plain text files: {plain[:3]}")
+    return files
+
+
+def prepare_source(src: PrepareSource, output_dir: str | Path, tok, num_workers: int = 0, overwrite: bool = False,
+                   progress: bool = True, log=print, files: list[Path] | None = None) -> dict:
+    """Tokenize one source into `<output_dir>/<name>/`; returns its manifest. Resumes; a complete output is verified.
+
+    files: the source's inputs as `source_inputs` listed them (listed here when None)."""
+    out_dir = Path(output_dir) / src.name
+    files = source_inputs(src) if files is None else files
     inputs = _input_descriptions(files)
     field_name = src.field_name()
     extra = {"name": src.name, "provenance": src.provenance, "kind": src.kind, "text_field": field_name,
@@ -233,9 +245,11 @@ def prepare(cfg: PrepareConfig, log=print) -> dict[str, dict]:
     """Prepare every source of `cfg`; returns {name: manifest}."""
     from data.tokenizer import Phi4Tokenizer
 
+    # Every source's inputs are listed first, so a missing or doubled file stops the run before any tokenizing.
+    files = [source_inputs(s, f"sources[{i}]") for i, s in enumerate(cfg.sources)]
     tok = Phi4Tokenizer(cfg.tokenizer_path or None)
-    return {s.name: prepare_source(s, cfg.output_dir, tok, cfg.num_workers, cfg.overwrite, cfg.progress, log)
-            for s in cfg.sources}
+    return {s.name: prepare_source(s, cfg.output_dir, tok, cfg.num_workers, cfg.overwrite, cfg.progress, log, f)
+            for s, f in zip(cfg.sources, files, strict=True)}
 
 
 def measure_throughput(texts: list[str], num_workers: int = 0, workdir: str | Path | None = None,

@@ -64,14 +64,18 @@ def load_conversations(path: str | Path, tokenizer) -> dict[str, np.ndarray]:
     tokens, masks, lengths = [], [], []
     try:
         for line_no, obj in read_jsonl(path):
-            messages = obj.get("messages")
+            if "messages" not in obj:
+                raise ChatDataError(f"{path}:{line_no}: no key 'messages' (keys present: {sorted(obj)[:10]}); "
+                                    "expected a list of {role, content} objects")
+            messages = obj["messages"]
             try:
                 ids, mask = tokenizer.render_chat(messages)
             except ValueError as e:
                 raise ChatDataError(f"{path}:{line_no}: {e}") from None
-            if not any(m.get("role") == "assistant" for m in messages):
-                raise ChatDataError(f"{path}:{line_no}: no assistant message, so nothing to learn from this "
-                                    "conversation (expected messages with at least one role 'assistant')")
+            # The rule data.prepare's chat sources apply: an assistant turn with text, or there is nothing to learn.
+            if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+                raise ChatDataError(f"{path}:{line_no}: no assistant message with non-empty content, so nothing to "
+                                    "learn from this conversation (expected at least one role 'assistant' with text)")
             tokens.append(np.asarray(ids, dtype=np.int32))
             masks.append(np.asarray(mask, dtype=bool))
             lengths.append(len(ids))

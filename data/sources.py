@@ -3,13 +3,16 @@
 `iter_records` yields a `Record` per input record, in a fixed order (files sorted, then line/row order): its text
 (kind "text") or its `messages` list (kind "chat"), or the `SourceError` that makes it unusable. `iter_documents`
 applies the on_error policy: "raise" stops at the first bad record, "skip" counts it per reason and goes on.
-Every error names the file and the line (jsonl), row (parquet) or file (text files) and what was expected.
+Every error names the file and the line (jsonl), row or row group (parquet) or file (text files) and what was
+expected. A file reached twice through `list_inputs` is refused: its documents would count twice.
 """
 from __future__ import annotations
 
 import codecs
+import errno
 import gzip
 import json
+import os
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -45,20 +48,56 @@ class Record:
     error: SourceError | None = None
 
 
+def _unusable(path: Path) -> FileNotFoundError:
+    """Why `path` is neither a file nor a folder, in words: missing, a dangling or looping link, unreadable."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return FileNotFoundError(f"{path}: symbolic link loop ({e.strerror}): the links never reach a file; "
+                                     f"point it at a real file or folder")
+        if path.is_symlink():
+            return FileNotFoundError(f"{path}: symbolic link to {os.readlink(path)!r}, which does not exist")
+        if e.errno == errno.ENOENT:
+            return FileNotFoundError(f"{path}: input not found")
+        return FileNotFoundError(f"{path}: cannot be read ({e.strerror})")
+    return FileNotFoundError(f"{path}: neither a regular file nor a folder")
+
+
 def list_inputs(paths: Sequence[str], suffixes: Sequence[str] = (".txt",)) -> list[Path]:
-    """Files to read, in a fixed order: given files as they are, folders searched recursively for `suffixes`."""
+    """Files to read, in a fixed order: given files as they are, folders searched recursively for `suffixes`.
+
+    A file reached twice (listed twice, through two links, or inside a listed folder) is an error: its documents
+    would be counted twice."""
     files: list[Path] = []
-    for p in paths:
+    first_seen: dict[tuple[int, int], tuple[Path, int]] = {}  # (device, inode) -> (file as reached, index in paths)
+    for i, p in enumerate(paths):
         path = Path(p)
         if path.is_file():
-            files.append(path)
+            found = [path]
         elif path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith(tuple(suffixes)))
+            found = []
+            for f in sorted(path.rglob("*")):
+                if not f.name.endswith(tuple(suffixes)):
+                    continue
+                if f.is_file():
+                    found.append(f)
+                elif f.is_symlink() and not f.exists():  # a dangling link would silently drop its file
+                    raise _unusable(f)
             if not found:
                 raise FileNotFoundError(f"{path}: folder holds no file ending in {list(suffixes)}")
-            files.extend(found)
         else:
-            raise FileNotFoundError(f"{path}: input not found")
+            raise _unusable(path)
+        for f in found:
+            st = f.stat()  # the inode, so links (symbolic or hard) to one file are caught too
+            real = (st.st_dev, st.st_ino)
+            if real in first_seen:
+                other, j = first_seen[real]
+                what = (f"{str(p)!r} is listed twice" if str(p) == str(paths[j]) else
+                        f"{f} (from {str(p)!r}) is the same file as {other} (from {str(paths[j])!r})")
+                raise ValueError(f"{what}: each file may be read once, or its documents would count twice")
+            first_seen[real] = (f, i)
+        files.extend(found)
     return files
 
 
@@ -68,7 +107,9 @@ def _decompressed_chunks(path: Path) -> Iterator[bytes]:
     if name.endswith(".gz"):
         try:
             with gzip.open(path, "rb") as f:
-                while chunk := f.read(READ_CHUNK_BYTES):
+                # read1, not read: read(n) discards the bytes it decompressed when the stream ends early, so a
+                # truncated file would lose every line before the damage; read1 hands them out as they come.
+                while chunk := f.read1(READ_CHUNK_BYTES):
                     yield chunk
         except EOFError:
             raise SourceError(f"{path}", "truncated_stream", "gzip stream ends before its end marker "
@@ -150,8 +191,11 @@ def _payload(obj, kind: str, field: str, location: str):
     if not isinstance(obj, dict):
         raise SourceError(location, "missing_field", f"expected a JSON object with key '{field}', "
                           f"got {type(obj).__name__}")
-    if obj.get(field) is None:
+    if field not in obj:
         raise SourceError(location, "missing_field", f"no key '{field}' (keys present: {sorted(obj)[:10]})")
+    if obj[field] is None:
+        expected = "a list of {role, content} objects" if kind == "chat" else "a string"
+        raise SourceError(location, "missing_field", f"key '{field}' is null; expected {expected}")
     if kind == "chat":
         return _check_messages(obj[field], field, location)
     return _check_text(obj[field], field, location)
@@ -198,10 +242,11 @@ def _jsonl_records(path: Path, fi: int, kind: str, field: str, start_pos: int) -
 
 
 def _parquet_records(path: Path, fi: int, kind: str, field: str, start_pos: int) -> Iterator[Record]:
-    import pyarrow.parquet as pq  # only parquet users pay for the import
+    import pyarrow as pa  # only parquet users pay for the import
+    import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, page_checksum_verification=True)  # checks the pages that carry a CRC
     except Exception as e:  # pyarrow raises several types for a file that is not parquet or is cut short
         yield Record(fi, 0, f"{path}", None, SourceError(f"{path}", "corrupt_file", f"not a readable parquet file "
                                                          f"({str(e).splitlines()[0]})"))
@@ -214,20 +259,55 @@ def _parquet_records(path: Path, fi: int, kind: str, field: str, start_pos: int)
         yield Record(fi, 0, f"{path}", None, SourceError(f"{path}", "empty_file", "parquet file has no rows"))
         return
     row = 0
-    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
-        for value in batch.column(0).to_pylist():
-            location = f"{path}: row {row}"
-            if row >= start_pos:
-                try:
-                    if isinstance(value, bytes):
-                        try:
-                            value = value.decode("utf-8")
-                        except UnicodeDecodeError as e:
-                            raise SourceError(location, "invalid_utf8", f"invalid UTF-8 at byte {e.start}") from None
-                    yield Record(fi, row, location, _payload({field: value}, kind, field, location))
-                except SourceError as e:
-                    yield Record(fi, row, location, None, e)
-            row += 1
+    for group in range(pf.metadata.num_row_groups):
+        first, group_rows = row, pf.metadata.row_group(group).num_rows
+        if first + group_rows <= start_pos:  # resuming: this group was consumed (or counted as lost) before
+            row += group_rows
+            continue
+        try:
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=[field]):
+                for value in _column_values(batch.column(0)):
+                    if row >= start_pos:
+                        yield _parquet_record(value, fi, row, f"{path}: row {row}", kind, field)
+                    row += 1
+        except MemoryError:
+            raise
+        except (OSError, pa.ArrowException) as e:  # the footer was fine, a page of this group is not
+            where = f"{path}: row group {group} (rows {first}..{first + group_rows - 1})"
+            detail = " ".join(str(e).split())[:300]
+            err = SourceError(where, "corrupt_file", f"rows {row}..{first + group_rows - 1} cannot be read: a data "
+                              f"page is damaged (pyarrow: {detail}); {row - first} rows of the group came before it")
+            yield Record(fi, row, where, None, err)
+            row = first + group_rows  # the next row group is read on its own
+
+
+def _column_values(column) -> list:
+    """Python values of a batch column; a value that is not valid UTF-8 comes back as its UnicodeDecodeError."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:  # pyarrow does not check UTF-8 on read: find the bad rows one by one
+        values = []
+        for k in range(len(column)):
+            try:
+                values.append(column[k].as_py())
+            except UnicodeDecodeError as e:
+                values.append(e)
+        return values
+
+
+def _parquet_record(value, fi: int, row: int, location: str, kind: str, field: str) -> Record:
+    try:
+        if isinstance(value, UnicodeDecodeError):
+            raise SourceError(location, "invalid_utf8", f"column '{field}' holds invalid UTF-8 (byte {value.start} "
+                              f"of a string)")
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SourceError(location, "invalid_utf8", f"invalid UTF-8 at byte {e.start}") from None
+        return Record(fi, row, location, _payload({field: value}, kind, field, location))
+    except SourceError as e:
+        return Record(fi, row, location, None, e)
 
 
 def _text_file_record(path: Path, fi: int) -> Record:

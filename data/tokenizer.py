@@ -45,6 +45,27 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
 )
 
+# The exported Hugging Face tokenizer renders chats to a string and tokenizes that string, matching added tokens
+# anywhere in it, so a message that contains "<|im_end|>" would get a real <|im_end|>. Its template therefore
+# writes every "<|" of a role or content as HF_ESCAPE + "|" (and a literal HF_ESCAPE as HF_ESCAPE + HF_ESCAPE_LITERAL),
+# which no added token matches; the tokenizer's normalizer, applied after added tokens are matched, turns both back.
+# The content then reaches the BPE exactly as `encode` sees it. U+FDD0/U+FDD1 are Unicode noncharacters, reserved
+# for a program's internal use.
+HF_ESCAPE, HF_ESCAPE_LITERAL = "\ufdd0", "\ufdd1"
+
+
+def _hf_escaped(expr: str) -> str:
+    return f"({expr} | replace('{HF_ESCAPE}', '{HF_ESCAPE}{HF_ESCAPE_LITERAL}') | replace('<|', '{HF_ESCAPE}|'))"
+
+
+HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + " + _hf_escaped("message['role']") + " + '<|im_sep|>' + "
+    + _hf_escaped("message['content']") + " + '<|im_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
+
 
 def special_token_table() -> dict[str, int]:
     """The Phi-4 special/reserved table, ids 100256..100351 (the microsoft/phi-4 tokenizer files), dummy numbering with its gaps."""
@@ -193,9 +214,16 @@ class Phi4Tokenizer:
         """Write tokenizer.json + tokenizer_config.json (with the chat template) that transformers.AutoTokenizer loads.
 
         The BPE is converted by transformers' own TikTokenConverter; the 96 specials are added tokens at their ids.
-        Difference to keep in mind: HF's plain `tokenizer(text)` turns special-looking text into special ids
-        (tokenizers' default), while our `encode` never does. Chat rendering agrees on ordinary messages.
+        `apply_chat_template` (tokenize=True, or tokenize=False and then `tokenizer(text, add_special_tokens=False)`)
+        gives exactly `apply_chat_template`'s ids here, special-looking text in messages included: it stays text
+        (HF_CHAT_TEMPLATE escapes it, the normalizer undoes the escape). What remains different:
+        - a plain `tokenizer(text)` turns special-looking text into special ids (tokenizers' default; pass
+          split_special_tokens=True to keep it text), while our `encode` never does;
+        - the string of `apply_chat_template(..., tokenize=False)` holds U+FDD0 where a message had "<|": it is meant
+          for this tokenizer, not for printing or for another tokenizer;
+        - plain text holding U+FDD0 followed by "|" or U+FDD1 is changed by the normalizer (to "<|", U+FDD0).
         """
+        from tokenizers import normalizers
         from transformers import PreTrainedTokenizerFast
         from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -203,6 +231,10 @@ class Phi4Tokenizer:
         ordered = [self._id_to_special[i] for i in range(NUM_BPE_RANKS, VOCAB_SIZE)]
         converter = TikTokenConverter(vocab_file=str(self.bpe_path), pattern=HF_PAT, extra_special_tokens=ordered)
         backend = converter.converted()
+        # Undo HF_CHAT_TEMPLATE's escape, escape-of-escape second, after added tokens are matched (they are
+        # normalized=False, so they are matched on the raw string and never on the restored text).
+        backend.normalizer = normalizers.Sequence([normalizers.Replace(f"{HF_ESCAPE}|", "<|"),
+                                                   normalizers.Replace(HF_ESCAPE + HF_ESCAPE_LITERAL, HF_ESCAPE)])
         for token, token_id in self._special.items():
             if backend.token_to_id(token) != token_id:
                 raise RuntimeError(f"HF conversion put {token} at {backend.token_to_id(token)}, expected {token_id}")
@@ -210,7 +242,7 @@ class Phi4Tokenizer:
         hf = PreTrainedTokenizerFast(
             tokenizer_object=backend,
             bos_token=self._id_to_special[BOS_ID], eos_token=self._id_to_special[EOS_ID],
-            pad_token=self._id_to_special[PAD_ID], chat_template=CHAT_TEMPLATE,
+            pad_token=self._id_to_special[PAD_ID], chat_template=HF_CHAT_TEMPLATE,
             clean_up_tokenization_spaces=False, **extra,
         )
         out_dir = Path(out_dir)
@@ -221,7 +253,7 @@ class Phi4Tokenizer:
             config_path = staging / "tokenizer_config.json"
             config = json.loads(config_path.read_text())
             # Portable across transformers 4.x and 5.x: a class both know, the template inside the config.
-            config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE)
+            config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=HF_CHAT_TEMPLATE)
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             (staging / "chat_template.jinja").unlink(missing_ok=True)  # one copy of the template, in the config
             for f in sorted(staging.iterdir()):  # each file appears whole: fsync, then rename into place

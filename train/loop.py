@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from data.fileio import atomic_write
+from data.shards import ShardError
 from data.tokenizer import PAD_ID
 from train import checkpoint
 from train.config import REPO_ROOT, ConfigError, RunConfig, grad_accum_steps, load_config, save_config, to_dict
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg)
         check_resume_schedule(cfg)
         trainer = Trainer(cfg)  # reads and validates the stage's data
-    except (ConfigError, FileNotFoundError, ValueError) as e:  # ValueError: the data errors name file and line
+    except (ConfigError, FileNotFoundError, ValueError, ShardError) as e:  # the data errors name file and line
         print(f"configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     return trainer.run()

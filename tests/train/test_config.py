@@ -1,11 +1,14 @@
 """Every shipped config loads and validates; bad configs fail at load with the key, file and choices named."""
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import pytest
 
-from train.config import REPO_ROOT, ConfigError, RunConfig, grad_accum_steps, load_config
+from data.configfile import ConfigError
+from train.config import REPO_ROOT, RunConfig, grad_accum_steps, load_config
 
 CONFIGS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
 
@@ -17,7 +20,7 @@ def schema_for(path: Path):
     from data.prepare import PrepareConfig
     from model.config import ModelConfig
     from train.eval.config import EvalConfig
-    from train.pts.run import PTSConfig
+    from train.pts.config import PTSConfig
     from train.recipe.runner import Recipe
 
     rel = path.relative_to(REPO_ROOT / "configs")
@@ -103,9 +106,11 @@ def test_missing_preset_lists_available(tmp_path):
 
 def test_derived_values_and_overrides(tmp_path):
     p = _write(tmp_path, "model: {preset: tiny}\ntrain: {seq_len: 512, global_batch: 8, total_tokens: 40000}\n")
-    cfg = load_config(p, ["train.micro_batch=2", "optim.betas=[0.9, 0.99]"])
+    with pytest.raises(ConfigError, match="train.seq_len=512 is longer than the model's context model.max_seq_len=128"):
+        load_config(p)  # a window past the model's context is never grown silently
+    cfg = load_config(p, ["train.micro_batch=2", "optim.betas=[0.9, 0.99]", "model.max_seq_len=512"])
     assert cfg.train.max_steps == 10  # ceil(40000 / (8 x 512))
-    assert cfg.model.max_seq_len == 512  # the model's context follows the training window
+    assert cfg.model.max_seq_len == 512
     assert cfg.optim.betas == [0.9, 0.99]
     assert grad_accum_steps(cfg, 2) == 2
     with pytest.raises(ConfigError, match="not divisible"):
@@ -128,3 +133,16 @@ def test_smoke_configs_follow_the_recipe_directory(monkeypatch):
         text = json.dumps(dataclasses.asdict(load_config(path, schema=schema_for(path))))
         assert "runs/smoke" not in text, f"{path.name} has a path that ignores PHI4_RECIPE_DIR"
         assert "/elsewhere/recipe" in text, path.name
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-0.001", "optim.lr=-0.001; expected a finite value > 0"),
+    ("optim.lr=.nan", "optim.lr=nan; expected a finite value > 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1; expected a finite value >= 0"),
+    ("optim.warmup_fraction=2", "optim.warmup_fraction=2.0; expected a finite value in [0, 1)"),
+    ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio=1.5"),
+    ("train.seq_len=100000", "train.seq_len=100000 is longer than the model's context"),
+])
+def test_numeric_ranges_are_checked_at_load(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(REPO_ROOT / "configs/smoke/pretrain.yaml", [override])
