@@ -1,5 +1,4 @@
-"""`python -m train.export <source> <out>`: a checkpoint as a Hugging Face directory, or as a GGUF file for llama.cpp
-and Ollama (`--format gguf`).
+"""`python -m train.export <source> <out>`: a checkpoint as a Hugging Face directory or a GGUF file (llama.cpp, Ollama).
 
 <source> is a `step_*` directory, a run directory (its newest complete checkpoint), or an HF export (a directory with
 config.json, e.g. an earlier `python -m train.export` output). Checkpoint shards (any ZeRO stage) are consolidated to

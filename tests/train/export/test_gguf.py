@@ -1,6 +1,6 @@
 """GGUF export checked with the real llama.cpp (llama-cpp-python): its tokenizer gives our ids on tricky strings, its
 next-token logits and greedy continuations match the HF export under transformers, its chat handlers render our ids
-and stop at <|im_end|>. File-format tests read the file back with the `gguf` package. Figures print with `-s`."""
+and stop at <|im_end|>. Figures (logit differences, top-1 agreement of the quantized files) print with `-s`."""
 from __future__ import annotations
 
 import ctypes
@@ -15,8 +15,8 @@ import torch
 from data.tokenizer import (BOS_ID, CHAT_TEMPLATE, EOS_ID, NUM_BPE_RANKS, PAD_ID, VOCAB_SIZE, Phi4Tokenizer,
                             load_bpe_ranks)
 from model import ModelConfig, Transformer
-from train.export.gguf import (GGUF_TYPES, Q, byte_alphabet, encode_tensor, gguf_tensor_map, modelfile_text,
-                               storage_type, to_gguf)
+from train.export.gguf import (GGUF_TYPES, Q, bpe_vocab, byte_alphabet, encode_tensor, modelfile_text, storage_type,
+                               to_gguf)
 from train.export.hf import to_hf
 from train.export.run import main as export_main
 
@@ -127,13 +127,15 @@ def tok() -> Phi4Tokenizer:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tok):
     """The model as an fp32 HF export, and as GGUF files of every type; f32 through the CLI from the HF export, f16
-    with --gguf beside a second HF export (the recipe's path), bf16 and q8_0 by to_gguf."""
+    with --gguf beside a second HF export (the recipe's path), bf16 and q8_0 by to_gguf. "chat": an f32 file of the
+    model changed to answer CHAT with `answer` and stop (its stop row fires elsewhere too, so only the chat uses it)."""
     root = tmp_path_factory.mktemp("gguf")
     model = tiny_model()
-    chat_prompt = tok.apply_chat_template(CHAT, add_generation_prompt=True)
-    answer = make_it_stop(model, chat_prompt, STOP_AFTER)
     to_hf(model, root / "hf", tokenizer=tok, dtype=torch.float32)
-    out = {"root": root, "hf": root / "hf", "model": model, "answer": answer}
+    stopping = tiny_model()
+    answer = make_it_stop(stopping, tok.apply_chat_template(CHAT, add_generation_prompt=True), STOP_AFTER)
+    out = {"root": root, "hf": root / "hf", "model": model, "answer": answer, "chat": root / "chat" / "chat.gguf"}
+    to_gguf(stopping, out["chat"], "f32", tokenizer=tok)
     out["f32"] = root / "f32" / "model-f32.gguf"
     assert export_main([str(root / "hf"), str(out["f32"]), "--format", "gguf", "--gguf-type", "f32"]) == 0
     out["f16"] = root / "f16" / "model-f16.gguf"
@@ -144,52 +146,15 @@ def files(tmp_path_factory, tok):
     return out
 
 
-@pytest.fixture(scope="module")
-def f32_read(files):
-    """The f32 file as the `gguf` package reads it: (field name -> value, tensor name -> tensor). Read once: the
-    reader parses the 333K vocabulary strings one by one."""
-    reader = gguf.GGUFReader(files["f32"])
-    return {k: f.contents() for k, f in reader.fields.items()}, {t.name: t for t in reader.tensors}
-
-
-def test_metadata_and_vocabulary(f32_read, tok):
-    fields, _ = f32_read
-    expected = {
-        "general.architecture": "phi3", "general.file_type": int(GGUF_TYPES["f32"][0]),
-        "phi3.context_length": CONTEXT, "phi3.embedding_length": 32, "phi3.feed_forward_length": 64,
-        "phi3.block_count": 2, "phi3.attention.head_count": 4, "phi3.attention.head_count_kv": 2,
-        "phi3.rope.dimension_count": 8, "phi3.rope.freq_base": 1_000.0, "phi3.attention.sliding_window": 0,
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "dbrx",
-        "tokenizer.ggml.bos_token_id": BOS_ID, "tokenizer.ggml.eos_token_id": EOS_ID,
-        "tokenizer.ggml.eot_token_id": EOS_ID, "tokenizer.ggml.padding_token_id": PAD_ID,
-        "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": CHAT_TEMPLATE,
-    }
-    assert {k: fields.get(k) for k in expected} == expected
-    assert fields["phi3.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
-
-    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
-    assert len(tokens) == len(types) == VOCAB_SIZE
+def test_merges_cover_every_split(tok):
+    tokens, merges = bpe_vocab(str(tok.bpe_path), tok.bpe_sha256)
     from_char = {c: b for b, c in enumerate(byte_alphabet())}
     ranks, _ = load_bpe_ranks(tok.bpe_path, tok.bpe_sha256)
-    assert all(bytes(from_char[c] for c in tokens[r]) == token for token, r in ranks.items())
-    assert set(types[:NUM_BPE_RANKS]) == {gguf.TokenType.NORMAL}
-    assert {t: (tokens[i], types[i]) for t, i in tok.special_tokens.items()} == {
-        t: (t, gguf.TokenType.CONTROL) for t in tok.special_tokens}
-    merges = fields["tokenizer.ggml.merges"]
+    assert len(tokens) == NUM_BPE_RANKS and all(bytes(from_char[c] for c in tokens[r]) == t for t, r in ranks.items())
     assert len(merges) == 233_378 and len(set(merges)) == len(merges)  # every two-token split of every rank
-    assert merges[0] == "Ġ Ġ"  # rank 256 is two spaces: the first merge
-
-
-def test_f32_tensors_are_ours_bit_for_bit(f32_read, files):
-    _, tensors = f32_read
-    ours = {n: p.detach() for n, p in files["model"].named_parameters()}
-    names = gguf_tensor_map(CFG.n_layers)
-    assert list(tensors) == list(names)
-    for gname, our_name in names.items():
-        x, stored = ours[our_name], tensors[gname]
-        assert tuple(int(d) for d in reversed(stored.shape)) == tuple(x.shape), gname  # GGUF lists ne0 first
-        assert stored.tensor_type == gguf.GGMLQuantizationType.F32, gname
-        assert torch.equal(torch.from_numpy(np.array(stored.data)).reshape(x.shape), x), gname
+    assert merges[0] == "Ġ Ġ"  # rank 256, two spaces: the first merge
+    results = [ranks[bytes(from_char[c] for c in m.replace(" ", ""))] for m in merges]
+    assert results == sorted(results)  # in the order of the ranks they make
 
 
 @pytest.mark.parametrize("gguf_type", sorted(GGUF_TYPES))
@@ -246,7 +211,7 @@ def test_refusals(files, tmp_path, capsys):
 # --- llama.cpp reads it --------------------------------------------------------------------------------------------
 
 class LlamaLog:
-    """llama.cpp's own log lines with their levels (2 = warning, 3 = error), while the block runs."""
+    """llama.cpp's own log lines with their ggml levels (1 debug, 2 info, 3 warning, 4 error), while the block runs."""
 
     def __init__(self, llama_cpp):
         self.llama_cpp, self.lines = llama_cpp, []
@@ -264,26 +229,67 @@ class LlamaLog:
 
 
 def load(path: Path, **kwargs):
+    # One thread: on a busy 2-core machine llama.cpp's spinning thread pool makes 2 threads ~30x slower at this size.
     llama_cpp = require_llama_cpp()
-    return llama_cpp.Llama(model_path=str(path), n_ctx=CONTEXT, n_threads=2, n_threads_batch=2, seed=0,
+    return llama_cpp.Llama(model_path=str(path), n_ctx=CONTEXT, n_threads=1, n_threads_batch=1, seed=0,
                            verbose=False, **kwargs)
 
 
 def test_llama_cpp_loads_it_as_phi4_without_warnings(files, tok):
     llama_cpp = require_llama_cpp()
     with LlamaLog(llama_cpp) as log:
-        llm = llama_cpp.Llama(model_path=str(files["f32"]), n_ctx=CONTEXT, n_threads=2, verbose=True)
+        llm = llama_cpp.Llama(model_path=str(files["f32"]), n_ctx=CONTEXT, n_threads=1, verbose=True)
     text = "".join(line for _, line in log.lines)
     assert "pre-tokenizer" not in text and "GENERATION QUALITY" not in text, text
-    warnings = [line for level, line in log.lines if level in (2, 3)]
-    assert not warnings, warnings
-    assert "arch = phi3" in re.sub(r"\s+", " ", text) or "phi3" in llm.metadata["general.architecture"]
-    assert llm.n_ctx_train() == CONTEXT and llm.n_vocab() == VOCAB_SIZE
+    warnings = [line for level, line in log.lines if level in (3, 4)]
+    assert not warnings, warnings  # a file without tokenizer.ggml.pre gets 7 lines here, "GENERATION QUALITY..."
+    assert re.search(r"print_info: arch\s+= phi3", text) and re.search(r"print_info: vocab type\s+= BPE", text)
+    assert (llm.metadata["general.architecture"], llm.metadata["tokenizer.ggml.pre"]) == ("phi3", "dbrx")
+    assert llm._model.n_ctx_train() == CONTEXT and llm.n_vocab() == VOCAB_SIZE
     assert (llm.token_bos(), llm.token_eos()) == (BOS_ID, EOS_ID)
     vocab = llm._model.vocab
     assert all(llama_cpp.llama_vocab_is_control(vocab, i) for i in tok.special_tokens.values())
     assert llama_cpp.llama_vocab_is_eog(vocab, EOS_ID)
     assert not any(llama_cpp.llama_vocab_is_eog(vocab, i) for i in range(NUM_BPE_RANKS))
+
+
+def test_metadata_and_vocabulary_as_llama_cpp_reads_them(files, tok):
+    llama_cpp = require_llama_cpp()
+    llm = load(files["q8_0"])
+    expected = {
+        "general.architecture": "phi3", "general.file_type": str(int(GGUF_TYPES["q8_0"][0])),
+        "phi3.context_length": str(CONTEXT), "phi3.embedding_length": "32", "phi3.feed_forward_length": "64",
+        "phi3.block_count": "2", "phi3.attention.head_count": "4", "phi3.attention.head_count_kv": "2",
+        "phi3.attention.layer_norm_rms_epsilon": "0.000010", "phi3.rope.dimension_count": "8",
+        "phi3.rope.freq_base": "1000.000000", "phi3.attention.sliding_window": "0",
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "dbrx",
+        "tokenizer.ggml.bos_token_id": str(BOS_ID), "tokenizer.ggml.eos_token_id": str(EOS_ID),
+        "tokenizer.ggml.eot_token_id": str(EOS_ID), "tokenizer.ggml.padding_token_id": str(PAD_ID),
+        "tokenizer.ggml.add_bos_token": "false", "tokenizer.chat_template": CHAT_TEMPLATE,
+    }
+    assert {k: llm.metadata.get(k) for k in expected} == expected
+    vocab = llm._model.vocab
+    assert llama_cpp.llama_vocab_n_tokens(vocab) == VOCAB_SIZE and not llama_cpp.llama_vocab_get_add_bos(vocab)
+    tokens, _ = bpe_vocab(str(tok.bpe_path), tok.bpe_sha256)
+    texts = [llama_cpp.llama_vocab_get_text(vocab, i).decode() for i in range(VOCAB_SIZE)]
+    assert texts[:NUM_BPE_RANKS] == tokens
+    assert {t: texts[i] for t, i in tok.special_tokens.items()} == {t: t for t in tok.special_tokens}
+    attrs = [llama_cpp.llama_vocab_get_attr(vocab, i) for i in range(VOCAB_SIZE)]
+    assert set(attrs[:NUM_BPE_RANKS]) == {llama_cpp.LLAMA_TOKEN_ATTR_NORMAL}
+    assert set(attrs[NUM_BPE_RANKS:]) == {llama_cpp.LLAMA_TOKEN_ATTR_CONTROL}
+    assert (llama_cpp.llama_vocab_pad(vocab), llama_cpp.llama_vocab_eot(vocab)) == (PAD_ID, EOS_ID)
+
+
+def pieces(llm, ids: list[int]) -> bytes:
+    """llama.cpp's text for ids, token by token. Not `Llama.detokenize`: llama-cpp-python 0.3.36 reads each piece
+    into a 32-byte buffer and drops longer ones (212 cl100k tokens, e.g. 64 spaces)."""
+    llama_cpp = require_llama_cpp()
+    buf, out = ctypes.create_string_buffer(256), b""
+    for i in ids:
+        n = llama_cpp.llama_token_to_piece(llm._model.vocab, i, buf, len(buf), 0, False)
+        assert 0 <= n <= len(buf), (i, n)
+        out += buf.raw[:n]
+    return out
 
 
 def test_tokenizer_gives_our_ids(files, tok):
@@ -292,7 +298,7 @@ def test_tokenizer_gives_our_ids(files, tok):
     wrong = [(t[:60], llm.tokenize(t.encode(), add_bos=False, special=False)[:20], tok.encode(t)[:20])
              for t in texts if llm.tokenize(t.encode(), add_bos=False, special=False) != tok.encode(t)]
     assert not wrong, wrong
-    undecoded = [t[:60] for t in texts if llm.detokenize(tok.encode(t)) != t.encode()]
+    undecoded = [t[:60] for t in texts if pieces(llm, tok.encode(t)) != t.encode()]
     assert not undecoded, undecoded
     print(f"\n[gguf] llama.cpp tokenizer = ours on {len(texts)} strings "
           f"({sum(len(tok.encode(t)) for t in texts)} tokens)")
@@ -325,7 +331,8 @@ def llama_logits(llm, ids: list[int]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def reference(files, tok):
-    """transformers' fp32 logits of the HF export on each prompt, and its greedy continuation of 32 tokens."""
+    """Per prompt: transformers' greedy continuation (32 tokens) of the HF export, and its fp32 logits over the prompt
+    and that continuation (the positions every comparison uses)."""
     from transformers import Phi3ForCausalLM
 
     hf = Phi3ForCausalLM.from_pretrained(files["hf"], dtype=torch.float32, attn_implementation="eager").eval()
@@ -333,25 +340,25 @@ def reference(files, tok):
     with torch.no_grad():
         for p in PROMPTS:
             ids = tok.encode(p)
-            logits = hf(torch.tensor([ids])).logits[0]
-            cont, margin = list(ids), float("inf")
-            for _ in range(32):
-                last = hf(torch.tensor([cont])).logits[0, -1]
-                top = torch.topk(last, 2).values
-                margin = min(margin, (top[0] - top[1]).item())
-                cont.append(int(last.argmax()))
-            assert margin > 100 * LOGIT_TOL, f"{p!r}: greedy near-tie ({margin:.2e}); the comparison would be luck"
-            assert EOS_ID not in cont[len(ids):] and BOS_ID not in cont[len(ids):]
-            out.append({"ids": ids, "logits": logits, "greedy": cont[len(ids):]})
+            gen = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=32, output_scores=True,
+                              return_dict_in_generate=True)
+            greedy_ids = gen.sequences[0, len(ids):].tolist()
+            top = torch.topk(torch.cat(gen.scores), 2, dim=-1).values
+            margin = (top[:, 0] - top[:, 1]).min().item()
+            # Logits within LOGIT_TOL cannot flip a choice won by more than 2 * LOGIT_TOL.
+            assert margin > 10 * LOGIT_TOL, f"{p!r}: greedy near-tie ({margin:.2e}); the comparison would be luck"
+            assert len(greedy_ids) == 32 and not {EOS_ID, BOS_ID} & set(greedy_ids), greedy_ids  # no early stop
+            seq = ids + greedy_ids
+            out.append({"ids": ids, "greedy": greedy_ids, "seq": seq, "logits": hf(torch.tensor([seq])).logits[0]})
     return out
 
 
 def test_f32_logits_match_transformers(files, reference):
     llm = load(files["f32"], logits_all=True, type_k=0, type_v=0)  # ggml type 0 = f32: an f32 KV cache
-    diffs = [(llama_logits(llm, r["ids"]) - r["logits"]).abs().max().item() for r in reference]
+    diffs = [(llama_logits(llm, r["seq"]) - r["logits"]).abs().max().item() for r in reference]
     assert max(diffs) <= LOGIT_TOL, diffs
     f16_cache = load(files["f32"], logits_all=True)  # llama.cpp's default f16 KV cache, for the record
-    f16_diffs = [(llama_logits(f16_cache, r["ids"]) - r["logits"]).abs().max().item() for r in reference]
+    f16_diffs = [(llama_logits(f16_cache, r["seq"]) - r["logits"]).abs().max().item() for r in reference]
     assert max(f16_diffs) <= 1e-2, f16_diffs
     print(f"\n[gguf] f32 file: max |logit diff| vs transformers {max(diffs):.2e} (f32 KV cache), "
           f"{max(f16_diffs):.2e} (f16 KV cache), {len(reference)} prompts, all positions")
@@ -360,7 +367,7 @@ def test_f32_logits_match_transformers(files, reference):
 def test_greedy_continuations_identical(files, reference):
     llm = load(files["f32"], type_k=0, type_v=0)
     for r in reference:
-        out = llm.create_completion(r["ids"], max_tokens=32, temperature=0.0)
+        out = llm.create_completion(r["ids"], max_tokens=32, temperature=0.0, repeat_penalty=1.0)
         # llama.cpp has evaluated the prompt and every generated token but the last.
         generated = list(llm.input_ids[len(r["ids"]):llm.n_tokens])
         assert len(generated) >= 31 and generated == r["greedy"][:len(generated)], (generated, r["greedy"])
@@ -372,7 +379,7 @@ def test_quantized_files_agree(files, reference):
     figures = {}
     for t in ("f16", "bf16", "q8_0"):
         llm = load(files[t], logits_all=True, type_k=0, type_v=0)
-        got = [llama_logits(llm, r["ids"]) for r in reference]
+        got = [llama_logits(llm, r["seq"]) for r in reference]
         agree = torch.cat([(g.argmax(-1) == r["logits"].argmax(-1)) for g, r in zip(got, reference)]).float()
         diff = max((g - r["logits"]).abs().max().item() for g, r in zip(got, reference))
         figures[t] = (agree.mean().item(), diff, agree.numel())
@@ -384,9 +391,9 @@ def test_quantized_files_agree(files, reference):
 def test_chat_template_gives_our_ids_and_stops_at_im_end(files, tok):
     llama_cpp = require_llama_cpp()
     ours = tok.apply_chat_template(CHAT, add_generation_prompt=True)
-    llm = load(files["f32"], type_k=0, type_v=0)
+    llm = load(files["chat"], type_k=0, type_v=0)
     assert llm.chat_format == "chat_template.default"  # the GGUF's own template, rendered by Jinja2
-    out = llm.create_chat_completion(messages=CHAT, max_tokens=32, temperature=0.0)
+    out = llm.create_chat_completion(messages=CHAT, max_tokens=32, temperature=0.0, repeat_penalty=1.0)
     assert out["usage"]["prompt_tokens"] == len(ours)
     assert list(llm.input_ids[:len(ours)]) == ours
     assert out["choices"][0]["finish_reason"] == "stop"
@@ -401,3 +408,11 @@ def test_chat_template_gives_our_ids_and_stops_at_im_end(files, tok):
     n = llama_cpp.llama_chat_apply_template(template, messages, len(CHAT), True, buf, len(buf))
     assert 0 < n < len(buf)
     assert llm.tokenize(buf.raw[:n], add_bos=False, special=True) == ours
+
+    # Known difference, as in transformers: the rendered prompt is tokenized with specials parsed, so a message that
+    # contains "<|im_end|>" gets the special id there, where our render_chat keeps it as text.
+    typed = [{"role": "user", "content": "is <|im_end|> a word?"}]
+    llm.create_chat_completion(messages=typed, max_tokens=1, temperature=0.0)
+    rendered = tok.decode(tok.apply_chat_template(typed, add_generation_prompt=True))
+    assert list(llm.input_ids[:llm.n_tokens]) == with_specials(tok, rendered)[:llm.n_tokens]
+    assert with_specials(tok, rendered) != tok.apply_chat_template(typed, add_generation_prompt=True)
