@@ -273,9 +273,10 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in sd.items()}
 
 
-def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32):
+def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = torch.float32):
     """Our Transformer, in eval mode, from a Hugging Face directory, a checkpoint step dir or a run dir (its newest
-    complete checkpoint); and {source, step, meta} (meta: the checkpoint's meta.json, None for an HF directory)."""
+    complete checkpoint, verified); and {source, step, meta} (meta: the checkpoint's meta.json, None for an HF
+    directory). dtype None: as stored (an HF export's dtype; a checkpoint's consolidated fp32)."""
     from model import ModelConfig, Transformer
     from train.config import from_dict
 
@@ -290,8 +291,8 @@ def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch
     with torch.device("meta"):
         model = Transformer(from_dict(meta["config"]["model"], schema=ModelConfig))  # tensors assigned below
     model.load_state_dict(consolidated_state_dict(tag_dir), strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval(), {"source": str(tag_dir), "step": meta.get("step"),
-                                                         "meta": meta}
+    return model.to(device=device, dtype=dtype or torch.float32).eval(), {"source": str(tag_dir),
+                                                                          "step": meta.get("step"), "meta": meta}
 
 
 def init_weights_from(model: torch.nn.Module, source: str, is_main: bool) -> str:

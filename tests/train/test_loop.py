@@ -204,14 +204,14 @@ def test_export_zero3_checkpoint_loads_in_transformers_with_same_logits(referenc
     import torch
     import transformers
 
-    from train.export.run import load_checkpoint_model
+    from train.checkpoint import load_model
 
     out = tmp_path / "hf"
     proc = subprocess.run([sys.executable, "-m", "train.export", str(reference_z3), str(out), "--dtype", "fp32"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 6  # the summary is the last line
-    ours, _ = load_checkpoint_model(str(reference_z3))
+    ours, _ = load_model(reference_z3)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
     x = torch.randint(0, 100_352, (2, 24))
     with torch.no_grad():

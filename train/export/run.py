@@ -11,35 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
 from data.tokenizer import Phi4Tokenizer
-from model import ModelConfig, Transformer
-from train.checkpoint import consolidated_state_dict, resolve_checkpoint_dir
+from train.checkpoint import load_model
 from train.export.gguf import GGUF_TYPES, to_gguf
-from train.export.hf import from_hf, to_hf
+from train.export.hf import to_hf
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def load_checkpoint_model(checkpoint: str) -> tuple[Transformer, dict]:
-    """Our model with a checkpoint's consolidated weights, on CPU in fp32; and the checkpoint's meta."""
-    tag_dir, meta = resolve_checkpoint_dir(checkpoint)
-    model_cfg = ModelConfig(**meta["config"]["model"])
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
-    model.load_state_dict(consolidated_state_dict(tag_dir), assign=True, strict=True)
-    return model, {**meta, "tag_dir": str(tag_dir)}
-
-
-def load_source(source: str) -> tuple[Transformer, dict]:
-    """Our model from a checkpoint, a run directory or an HF export; and where it came from."""
-    if (Path(source) / "config.json").is_file():
-        return from_hf(source), {"source": source, "step": None}  # tensors keep the export's dtype
-    model, meta = load_checkpoint_model(source)
-    return model, {"source": meta["tag_dir"], "step": meta["step"]}
 
 
 def export(source: str, out: str, dtype: str = "bf16", overwrite: bool = False, fmt: str = "hf",
@@ -47,7 +27,7 @@ def export(source: str, out: str, dtype: str = "bf16", overwrite: bool = False, 
     """Write `source` as `out` (HF directory or GGUF file) and, with gguf_path, also as that GGUF file."""
     if fmt == "gguf" and gguf_path is not None:
         raise ValueError("--gguf adds a GGUF file to an HF export; with --format gguf the output is already one")
-    model, where = load_source(source)
+    model, where = load_model(source, dtype=None)  # an HF export keeps its dtype
     tokenizer = Phi4Tokenizer()
     record = {"checkpoint": where["source"], "step": where["step"], "out": out, "format": fmt}
     if fmt == "gguf":

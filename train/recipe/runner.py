@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -70,6 +71,26 @@ class Recipe:
 def gguf_file(stage_dir: Path, gguf_type: str) -> Path:
     """Where an export stage writes its GGUF (its Ollama Modelfile goes beside it)."""
     return stage_dir / "gguf" / f"model-{gguf_type}.gguf"
+
+
+def dead_run(run_dir: Path) -> str:
+    """A trainer that recorded "running" on this host but whose process is gone (killed without a word: the OOM
+    killer, SIGKILL, a lost node); "" when the run is not known to be dead."""
+    path = run_dir / "exit_status.json"
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""
+    if status.get("status") != "running" or status.get("host") != socket.gethostname() or not status.get("pid"):
+        return ""
+    try:
+        os.kill(int(status["pid"]), 0)
+        return ""  # alive (or another process took the pid: not provably dead)
+    except ProcessLookupError:
+        return (f"{path} says running, but process {status['pid']} on "
+                f"{status['host']} is gone (it died without recording why)")
+    except PermissionError:
+        return ""
 
 
 class StageFailed(RuntimeError):
@@ -163,6 +184,9 @@ class RecipeRunner:
             took = f"{done['seconds']:.0f} s" if done.get("seconds") is not None else done.get("source", "")
             self.log(f"[recipe] {stage.name}: already complete ({took}), skipped")
             return done
+        dead = dead_run(self.stage_dir(stage.name))
+        if dead:
+            self.log(f"[recipe] {stage.name}: {dead}; running it again (it resumes from its newest checkpoint)")
         d = self.stage_dir(stage.name)
         d.mkdir(parents=True, exist_ok=True)
         cmd = self._command(stage)

@@ -48,11 +48,11 @@ def test_pts_writes_pairs_and_dpo_learns_the_preference(smoke_run):
 def test_export_loads_in_transformers_with_the_checkpoints_logits(smoke_run):
     import transformers
 
-    from train.export.run import load_checkpoint_model
+    from train.checkpoint import load_model
 
     out, _ = smoke_run
     hf = transformers.AutoModelForCausalLM.from_pretrained(out / "export" / "hf", dtype=torch.float32)
-    ours, _ = load_checkpoint_model(str(out / "dpo"))
+    ours, _ = load_model(out / "dpo")
     x = torch.randint(0, 100_352, (2, 32))
     with torch.no_grad():
         # The export is bf16 (the released model's dtype): compare against our weights rounded the same way.
