@@ -1,6 +1,7 @@
 """Throughput of the code oracle: completions checked per second, the old sandbox against the current one.
 
-    python -m train.bench.oracle [--baseline /work/baseline] [--repeats 5] [--questions 4] [--rollouts 64]
+    git worktree add ../phi4-before b0beb48     # the last commit before the bubblewrap sandbox
+    python -m train.bench.oracle --baseline ../phi4-before [--repeats 5] [--questions 4] [--rollouts 64]
 
 The workload is what Pivotal Token Search sends: per question (a smoke exercise from data.smoke.code_items),
 `rollouts` distinct completions (half the reference solution, half the buggy one, in a ```python block) checked
@@ -89,7 +90,8 @@ def lscpu_model() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--baseline", type=Path, default=Path("/work/baseline"), help="checkout of the old sandbox")
+    ap.add_argument("--baseline", type=Path, required=True,
+                    help="a checkout of the old sandbox, e.g. `git worktree add ../phi4-before b0beb48`")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--questions", type=int, default=4, help="PTS estimates per repeat")
     ap.add_argument("--rollouts", type=int, default=64, help="completions per estimate (PTS's `rollouts`)")
