@@ -2,12 +2,13 @@
 import json
 from pathlib import Path
 
-import yaml
-
 import numpy as np
 import pytest
+import yaml
 
+from data.configfile import ConfigError
 from data.decontaminate import DecontaminateConfig, Decontaminator, main, ngram_hashes, normalize, run
+from tests.helpers.files import write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 ITEM = ("A cyclist rides 1.8 km to the bakery, buys four loaves of rye bread and three croissants, then rides home "
@@ -70,10 +71,6 @@ def test_clean_text_passes(checker):
     assert checker.stats["tiny"] == {"items": 1, "items_without_short_ngrams": 1, "long_ngrams": 0}
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 @pytest.fixture()
 def corpus(tmp_path):
     bench = tmp_path / "bench.jsonl"
@@ -126,7 +123,6 @@ def test_bad_input_and_config_errors(corpus):
                                         "output_dir": str(corpus / "o2"), "on_error": "skip",
                                         "benchmarks": [_spec(corpus)]}))
     assert report["totals"]["skipped"] == 2  # the bad line, and the chat record without a 'text' field
-    from train.config import ConfigError
     with pytest.raises((ValueError, ConfigError), match="benchmarks"):
         main([str(config(corpus, benchmarks=[]))])
     with pytest.raises((ValueError, ConfigError), match="contaminated_threshold"):

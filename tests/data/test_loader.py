@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from data.config import DataConfig, SourceConfig
-from data.loader import IGNORE_INDEX, LoaderError, MixtureLoader
+from data.loader import LoaderError, MixtureLoader
 from data.mixture import epoch_entries
 from data.shards import ShardWriter
+from data.tokenizer import EOD_ID as EOD
+from data.tokenizer import IGNORE_INDEX
 from model.transformer import position_ids_from_cu_seqlens
 
-EOD = 100257
 FIELDS = ("input_ids", "labels", "position_ids", "cu_seqlens")
 
 

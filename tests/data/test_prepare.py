@@ -17,7 +17,6 @@ import zstandard
 import data.prepare as prep
 from data.prepare import PrepareConfig, PrepareError, PrepareSource, prepare_source
 from data.shards import MANIFEST, PROGRESS, ShardedSource, ShardError
-from data.tokenizer import Phi4Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 EOD = 100257
@@ -32,11 +31,6 @@ CHATS = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
      {"role": "assistant", "content": "Hello! <|im_end|> is just text here."}],
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Phi4Tokenizer()
 
 
 def jsonl_bytes(objs) -> bytes:

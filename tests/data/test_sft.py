@@ -9,21 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from data.configfile import ConfigError
 from data.packing import ChatDataError, best_fit_rows, pack_segments
 from data.sft import ChatBatches, check_loss_mask
 from data.tokenizer import IGNORE_INDEX, PAD_ID
-from data.tokenizer import Phi4Tokenizer
-from model import ModelConfig, Transformer
-from tests.helpers.train import TEST_MODEL, check, metrics, run_train, train_losses
+from tests.helpers.models import TINY, TINY_RUN_CONTEXT, as_overrides, tiny_model
+from tests.helpers.train import check, metrics, run_train, train_losses
 from train.config import load_config
 
 IM_START, IM_END, IM_SEP = 100264, 100265, 100266
 ROLE_IDS = {"system": [9125], "user": [882], "assistant": [78191]}  # microsoft/phi-4 chat format
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Phi4Tokenizer()
 
 
 def conversation(k: int) -> list[dict]:
@@ -142,8 +137,7 @@ def test_token_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path, tok):
 
 def test_packed_and_unpacked_give_the_same_loss(tmp_path, tok):
     path = write_chats(tmp_path / "c.jsonl", [conversation(k) for k in range(8)])
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**{k: v for k, v in TEST_MODEL.items() if k != "preset"}, max_seq_len=128))
+    model = tiny_model(0, max_seq_len=TINY_RUN_CONTEXT)
     model.eval()
     totals = {}
     for pack in (True, False):
@@ -211,7 +205,6 @@ def test_shipped_sft_configs_load():
 
 def test_stage_checks_fail_before_compute(tmp_path):
     from train.stages.build import validate
-    from train.config import ConfigError
 
     data = write_chats(tmp_path / "c.jsonl", [conversation(1)])
     ok = load_config("configs/smoke/sft.yaml", [f"data.sft_path={data}", "train.init_from=''"])
@@ -235,7 +228,7 @@ def test_sft_run_learns_and_evaluates(tmp_path):
     generate(tmp_path / "raw", seed=0, scale="small")
     run_dir = tmp_path / "sft"
     overrides = [f"data.sft_path={tmp_path / 'raw' / 'sft.jsonl'}", "train.init_from=''", f"output_dir={run_dir}",
-                 *(f"model.{k}={v}" for k, v in TEST_MODEL.items() if k != "preset"), "train.seq_len=256",
+                 *as_overrides(TINY), "train.seq_len=256",
                  "train.global_batch=4", "train.micro_batch=1", "train.max_steps=6", "train.save_every=3",
                  "train.eval_every=3",
                  "optim.lr=3e-3", "logging.wandb.mode=disabled", "deepspeed.zero_stage=0"]

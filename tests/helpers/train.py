@@ -10,11 +10,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-EOD = 100257
+from data.tokenizer import EOD_ID as EOD
+from tests.helpers.models import TINY
 
-# A model small enough for many multi-process runs on 2 cores, with the real vocabulary.
-TEST_MODEL = {"preset": "tiny", "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64}
+REPO = Path(__file__).resolve().parents[2]
+
+# A model small enough for many multi-process runs on 2 cores, with the real vocabulary: the TINY shape on the tiny
+# preset (which adds its context, TINY_RUN_CONTEXT tokens).
+TEST_MODEL = {"preset": "tiny", **TINY}
 
 
 def make_sources(root: Path, docs_per_source: int = 300, seed: int = 0) -> dict[str, Path]:

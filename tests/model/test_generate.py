@@ -4,19 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import ModelConfig, Transformer
 from model.generate import decode_step, generate, prefill, sample_next
-
-# The real vocabulary (pad 100349 and eos 100265 are real ids); a larger init std makes the next-token distributions
-# peaked enough that greedy choices are far from ties.
-CFG = dict(vocab_size=100_352, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64,
-           init_std=0.2)
+from model.transformer import Transformer
+from tests.helpers.models import tiny_model
 
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(**CFG)).eval()
+    # TINY has the real vocabulary (pad 100349 and eos 100265 are real ids); a larger init std makes the next-token
+    # distributions peaked enough that greedy choices are far from ties.
+    return tiny_model(0, max_seq_len=64, init_std=0.2).eval()
 
 
 @pytest.fixture(scope="module")

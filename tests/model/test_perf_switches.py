@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, Transformer
 from model.loss import TINY_PROB, fused_linear_cross_entropy, onednn_available
+from tests.helpers.models import small_model
 
-SMALL = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160)
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
 
 
@@ -43,8 +42,7 @@ def test_onednn_switch_equals_blas_and_plain_in_the_model(chunk):
     for name, overrides in (("plain", dict(loss_chunk_tokens=0)),
                             ("blas", dict(loss_chunk_tokens=chunk, onednn_loss=False)),
                             ("onednn", dict(loss_chunk_tokens=chunk, onednn_loss=True))):
-        torch.manual_seed(0)
-        model = Transformer(ModelConfig(**{**SMALL, **overrides}))
+        model = small_model(0, **overrides)
         for reduction in ("mean", "sum"):
             model.zero_grad()
             loss = model(x, labels=labels, reduction=reduction)
@@ -145,8 +143,7 @@ def test_lean_activations_switch_equals_plain_autograd(dtype, tol):
     results = {}
     for lean in (False, True):
         for ac in (False, True):
-            torch.manual_seed(0)
-            model = Transformer(ModelConfig(**SMALL, lean_activations=lean, activation_checkpointing=ac)).to(dtype)
+            model = small_model(0, lean_activations=lean, activation_checkpointing=ac).to(dtype)
             loss = model(x, labels=labels, cu_seqlens=cu)
             loss.backward()
             hidden = model(x, cu_seqlens=cu, return_hidden=True)
@@ -191,8 +188,7 @@ def test_checkpointing_every_nth_block_equals_no_checkpointing(every):
     x, labels = torch.randint(0, 512, (2, 24)), torch.randint(0, 512, (2, 24))
     results = []
     for ac in (False, True):
-        torch.manual_seed(0)
-        model = Transformer(ModelConfig(**{**SMALL, "n_layers": 4}, activation_checkpointing=ac, checkpoint_every=every))
+        model = small_model(0, n_layers=4, activation_checkpointing=ac, checkpoint_every=every)
         recomputed = []
         for i, layer in enumerate(model.layers):
             layer.register_forward_pre_hook(lambda m, a, i=i: recomputed.append(i))
@@ -216,8 +212,7 @@ def test_compiled_blocks_equal_eager():
     results, graphs = {}, []
     counters.clear()
     for compiled in (False, True):
-        torch.manual_seed(0)
-        model = Transformer(ModelConfig(**SMALL, activation_checkpointing=True))
+        model = small_model(0, activation_checkpointing=True)
         if compiled:
             for layer in model.layers:
                 layer.compile()

@@ -6,15 +6,10 @@ import math
 import pytest
 import torch
 
-from model import KVCache, ModelConfig, Transformer, count_params
 from model import transformer as transformer_module
-
-SMALL = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160)
-
-
-def _model(**overrides) -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(**{**SMALL, **overrides}))
+from model.config import ModelConfig
+from model.transformer import KVCache, Transformer, count_params
+from tests.helpers.models import SMALL, small_model
 
 
 def test_phi4_14b_on_meta_device_has_exact_parameter_count():
@@ -34,13 +29,13 @@ def test_phi4_14b_on_meta_device_has_exact_parameter_count():
 
 
 def test_initial_loss_is_log_vocab():
-    model = _model(vocab_size=100_352)
+    model = small_model(vocab_size=100_352)
     x = torch.randint(0, 100_352, (2, 32))
     assert model(x, labels=x).item() == pytest.approx(math.log(100_352), abs=0.05)
 
 
-def test_packed_documents_with_masking_equal_separate_documents():
-    model = _model()
+def test_packed_documents_with_masking_equal_separate_documents(small):
+    model = small
     lengths = [5, 11, 8, 8]  # two rows of 16 tokens: [5 | 11] and [8 | 8]
     docs = [torch.randint(0, 512, (n,)) for n in lengths]
     packed = torch.cat(docs).view(2, 16)
@@ -51,7 +46,7 @@ def test_packed_documents_with_masking_equal_separate_documents():
         alone = model(doc[None])[0]
         torch.testing.assert_close(logits[start:start + len(doc)], alone, atol=1e-5, rtol=1e-5)
     # Without masking the second document sees the first: results differ.
-    unmasked = _model(doc_masking=False)(packed, cu_seqlens=cu).view(32, -1)
+    unmasked = small_model(doc_masking=False)(packed, cu_seqlens=cu).view(32, -1)
     assert (unmasked[5:16] - logits[5:16]).abs().max() > 1e-3
 
 
@@ -68,7 +63,7 @@ def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
     labels[0, :6] = -100
     results = []
     for chunk_tokens in (0, chunk):
-        model = _model(loss_chunk_tokens=chunk_tokens)
+        model = small_model(loss_chunk_tokens=chunk_tokens)
         for reduction in ("mean", "sum"):
             model.zero_grad()
             loss = model(x, labels=labels, reduction=reduction)
@@ -81,7 +76,7 @@ def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
 
 
 def test_per_token_nll_matches_full_logits():
-    model = _model(loss_chunk_tokens=5)
+    model = small_model(loss_chunk_tokens=5)
     x = torch.randint(0, 512, (2, 12))
     labels = x.roll(-1, dims=1)
     labels[:, -1] = -100
@@ -95,15 +90,15 @@ def test_activation_checkpointing_computes_the_same():
     x = torch.randint(0, 512, (2, 16))
     grads = []
     for ac in (False, True):
-        model = _model(activation_checkpointing=ac)
+        model = small_model(activation_checkpointing=ac)
         model(x, labels=x).backward()
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_kv_cache_decoding_equals_full_forward():
-    model = _model().eval()
+def test_kv_cache_decoding_equals_full_forward(small):
+    model = small.eval()
     x = torch.randint(0, 512, (2, 10))
     full = model(x)
     cache = KVCache(model.cfg, batch_size=2, max_len=10, device="cpu", dtype=torch.float32)
@@ -114,8 +109,8 @@ def test_kv_cache_decoding_equals_full_forward():
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 6:], atol=1e-5, rtol=1e-5)
 
 
-def test_rope_theta_changes_outputs_and_is_config_only():
-    model = _model()
+def test_rope_theta_changes_outputs_and_is_config_only(small):
+    model = small
     x = torch.randint(0, 512, (1, 32))
     before = model(x)
     model.set_rope_theta(250_000.0)
@@ -143,7 +138,7 @@ class FlashAttnTestDouble:
 
 def test_flash_varlen_path_matches_sdpa_with_test_double():
     """Our flash call (layouts, cu_seqlens over the flattened batch) against the SDPA block-diagonal path."""
-    model = _model(attn_backend="flash")
+    model = small_model(attn_backend="flash")
     cu = torch.tensor([0, 5, 16, 24, 32], dtype=torch.int32)
     ctx = model._attn_context(2, 16, torch.device("cpu"), cu, None, None, None)
     q = torch.randn(2, 4, 16, 16)
@@ -175,7 +170,7 @@ def torch_varlen_test_double(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, windo
 def test_torch_varlen_path_matches_sdpa_with_test_double():
     """Packed documents on a GPU without flash-attn go through PyTorch's varlen kernel; our call must equal the
     block-diagonal SDPA path."""
-    model = _model(attn_backend="flash")
+    model = small_model(attn_backend="flash")
     cu = torch.tensor([0, 3, 16, 20, 32], dtype=torch.int32)
     ctx = model._attn_context(2, 16, torch.device("cpu"), cu, None, None, None)
     q, k, v = torch.randn(2, 4, 16, 16), torch.randn(2, 2, 16, 16), torch.randn(2, 2, 16, 16)
@@ -185,7 +180,7 @@ def test_torch_varlen_path_matches_sdpa_with_test_double():
 
 def test_cuda_packing_with_a_varlen_kernel_builds_no_dense_mask(monkeypatch, caplog):
     """With a varlen kernel on the GPU the T x T mask (256 MB per 16K row) is never built; for SDPA (CPU) it is."""
-    model = _model(attn_backend="flash").to(torch.bfloat16)
+    model = small_model(attn_backend="flash").to(torch.bfloat16)
     cu = torch.tensor([0, 5, 16, 24, 32], dtype=torch.int32)
     monkeypatch.setattr(transformer_module, "_FLASH", False)
     monkeypatch.setattr(transformer_module, "_TORCH_VARLEN", torch_varlen_test_double)
@@ -207,7 +202,7 @@ def test_cuda_packing_with_a_varlen_kernel_builds_no_dense_mask(monkeypatch, cap
     assert caplog.text.count("dense 16 x 16 mask per row") == 1, caplog.text
 
 
-def test_masked_sdpa_gives_every_query_head_its_kv(monkeypatch):
+def test_masked_sdpa_gives_every_query_head_its_kv(monkeypatch, small):
     """CUDA SDPA falls back to its O(T^2) math kernel for enable_gqa with a mask, so masked calls repeat K/V;
     plain causal calls keep native GQA. Values and gradients equal the native-GQA call."""
     calls = []
@@ -217,7 +212,7 @@ def test_masked_sdpa_gives_every_query_head_its_kv(monkeypatch):
         calls.append((q.shape[1], k.shape[1], kw["attn_mask"] is not None, kw["enable_gqa"]))
         return real(q, k, v, **kw)
 
-    model = _model()
+    model = small
     cu = torch.tensor([0, 5, 16, 24, 32], dtype=torch.int32)
     ctx = model._attn_context(2, 16, torch.device("cpu"), cu, None, None, None)
     q, k, v = (torch.randn(2, h, 16, 16, requires_grad=True) for h in (4, 2, 2))

@@ -31,6 +31,7 @@ def stage_config(tmp_path, name="pretrain", preset="phi4-14b", **sections) -> st
            "deepspeed": {"zero_stage": 3}}
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    cfg["model"].setdefault("max_seq_len", cfg["train"]["seq_len"])  # the stage's context is stated, never grown
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -206,7 +207,7 @@ def test_a_layout_that_does_not_fit_is_a_clear_line_not_a_crash(tmp_path):
     assert "does not fit: the configured layout needs" in out and "DOES NOT FIT" in out
     rc, out = run_cli([path, "--gpus", 8, "--json"])
     assert json.loads(out)["fits"] == {"no_ac": False, "full_ac": False}
-    rc, out = run_cli([path, "--gpus", 8, "--gpu", "h200", "deepspeed.zero_stage=3", "train.seq_len=16384",
+    rc, out = run_cli([path, "--gpus", 8, "--gpu", "h200", "deepspeed.zero_stage=3", "train.seq_len=16384", "model.max_seq_len=16384",
                        "model.activation_checkpointing=true"])
     assert "does not fit" not in out  # ZeRO-3 + checkpointing at 16K fits on 8 x H200
 

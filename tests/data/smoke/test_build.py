@@ -145,9 +145,7 @@ def test_eval_split_disjoint_from_training(smoke):
         assert not any(f"Exercise: {task}\n" in t or f". {task}\n" in t for t in pretraining), q
 
 
-def test_long_documents_are_long_in_real_tokens(smoke):
-    from data.tokenizer import Phi4Tokenizer
-    tok = Phi4Tokenizer()
+def test_long_documents_are_long_in_real_tokens(smoke, tok):
     scale = SCALES["small"]
     for name, min_tokens in (("synthetic_long.jsonl", scale.synthetic_long_min_tokens),
                              ("organic_long.jsonl", scale.organic_long_min_tokens)):

@@ -9,16 +9,17 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from model import ModelConfig, Transformer
 import train.bench.cpu as bench
 import train.bench.gpu as bench_gpu
+from model import transformer as transformer_module
+from model.config import ModelConfig
+from tests.helpers.models import SMALL, small_model
 from train import plan
-from train.bench import step as bench_step
 from train.bench import data as bench_data
+from train.bench import step as bench_step
 from train.bench import timing
-
-SMALL = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160)
 
 
 def test_arguments_defaults_and_refusals():
@@ -41,8 +42,7 @@ def test_interleaved_runs_every_variant_in_alternating_order():
 
 
 def test_hf_twin_has_our_weights_and_computes_our_loss_and_gradients():
-    torch.manual_seed(0)
-    ours = Transformer(ModelConfig(**SMALL, max_seq_len=16, doc_masking=False, loss_chunk_tokens=0))
+    ours = small_model(0, max_seq_len=16, doc_masking=False, loss_chunk_tokens=0)
     hf = bench_step.hf_twin(ours)
     assert hf.config._attn_implementation == "sdpa" and not hf.config.tie_word_embeddings
     assert sum(p.numel() for p in hf.parameters()) == ours.cfg.num_params()
@@ -57,6 +57,7 @@ def test_hf_twin_has_our_weights_and_computes_our_loss_and_gradients():
                                atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow  # the step and MFU benchmarks end to end: four timed models and a GEMM peak (~20 CPU-seconds)
 def test_step_and_mfu_benchmarks_report_consistent_figures(tmp_path):
     out = tmp_path / "bench.json"
     assert bench.main(["--only", "step", "mfu", "--batch", "1", "--seq", "32", "--repeats", "1", "--no-compile",
@@ -176,7 +177,7 @@ def test_gpu_arguments():
 def test_gpu_loop_runs_on_cpu_and_prints_one_table(tmp_path, capsys):
     # The measuring loop itself, on CPU with a toy model: real steps, real MixedPrecisionAdamW; figures not judged.
     model_yaml = tmp_path / "toy.yaml"
-    model_yaml.write_text("vocab_size: 512\ndim: 64\nn_layers: 2\nn_heads: 4\nn_kv_heads: 2\nffn_dim: 160\n")
+    model_yaml.write_text(yaml.safe_dump(SMALL))
     out = tmp_path / "gpu.json"
     assert bench_gpu.main(["--device", "cpu", "--models", str(model_yaml), "--seqs", "32", "--steps", "2",
                            "--warmup", "1", "--tokens-per-step", "64", "--peak-tflops", "1", "--doc-len", "0", "8",
@@ -202,14 +203,14 @@ def test_gpu_packed_rows_use_document_boundaries(monkeypatch):
     assert bench_gpu.model_config("proxy14b", 4096, 4096).doc_masking is False  # one document fills the row
     assert bench_gpu.model_config("proxy14b", 4096, 1024).doc_masking is True
     # The table names the kernel the model itself chooses (model.transformer.attention_kernel).
-    kernel = bench_gpu.transformer_module.attention_kernel
+    kernel = transformer_module.attention_kernel
     cuda, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
-    monkeypatch.setattr(bench_gpu.transformer_module, "_FLASH", False)
-    monkeypatch.setattr(bench_gpu.transformer_module, "_TORCH_VARLEN", lambda *a, **k: None)
+    monkeypatch.setattr(transformer_module, "_FLASH", False)
+    monkeypatch.setattr(transformer_module, "_TORCH_VARLEN", lambda *a, **k: None)
     assert [kernel("flash", cuda, bf16, True), kernel("flash", cuda, bf16, False), kernel("sdpa", cuda, bf16, True),
             kernel("flash", cpu, bf16, True), kernel("flash", cuda, torch.float32, True),
             kernel("flash", cuda, bf16, True, decoding=True)] == ["varlen", "sdpa", "sdpa", "sdpa", "sdpa", "sdpa"]
-    monkeypatch.setattr(bench_gpu.transformer_module, "_FLASH", object())  # flash-attn installed
+    monkeypatch.setattr(transformer_module, "_FLASH", object())  # flash-attn installed
     assert kernel("flash", cuda, bf16, False) == kernel("flash", cuda, bf16, True) == "flash"
 
 

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from data.packing import ChatDataError
 from data.configfile import ConfigError
+from data.packing import ChatDataError
 from data.pairs import PairBatches
 from data.tokenizer import EOS_ID
 from model.transformer import Transformer
@@ -26,7 +26,7 @@ GEN_PROMPT = [100264, 78191, 100266]  # <|im_start|>assistant<|im_sep|>
 
 
 def tiny_model(seed: int = 0) -> Transformer:
-    """TINY at the tiny preset's context: the shape the smoke configs' trainer builds from `as_overrides(TINY)`."""
+    """TINY, the weights the smoke configs' trainer builds from `as_overrides(TINY)`, at the tiny preset's context."""
     return build_tiny(seed, max_seq_len=TINY_RUN_CONTEXT)
 
 

@@ -1,0 +1,180 @@
+"""Evaluation tasks (train/eval/tasks.py): multiple choice, generative and perplexity scores computed from models built
+to behave a known way, checked against direct computations."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from data.configfile import ConfigError
+from data.tokenizer import EOD_ID, EOS_ID
+from tests.helpers.eval_models import bigram_model, full_logit_logprob, random_model
+from tests.helpers.files import write_jsonl
+from train.eval.config import EvalConfig, GenerativeTask, MultipleChoiceTask, PerplexitySource
+from train.eval.tasks import (continuation_logprobs, eval_generative, eval_multiple_choice, eval_perplexity,
+                              generate_texts, generative_prompt, mc_prompt, perplexity_documents)
+
+CPU = torch.device("cpu")
+
+
+# ---- multiple choice --------------------------------------------------------------------------------------------
+def test_continuation_logprobs_equal_full_logits(tok):
+    """Batched, right-padded scoring with the head on labelled positions only == log-softmax of the full logits;
+    contexts longer than max_len are cut on the left."""
+    model = random_model(0)
+    requests = [(tok.encode("Question: what is 2 + 2?\nAnswer:"), tok.encode(" 4")),
+                (tok.encode("Hi"), tok.encode(" there, how are you today?")),
+                (tok.encode("A much longer context " * 12), tok.encode(" end")),
+                (tok.encode("x"), tok.encode(" y"))]
+    got = continuation_logprobs(model, requests, batch_size=3, device=CPU, max_len=40)
+    for (ctx, cont), (logprob, n) in zip(requests, got):
+        ids = (ctx + cont)[-41:]
+        assert n == len(cont)
+        assert logprob == pytest.approx(full_logit_logprob(model, ids, len(ids) - len(cont)), rel=1e-5, abs=1e-4)
+
+
+def test_multiple_choice_picks_the_planted_answer(tok, tmp_path):
+    """A model built to prefer certain tokens: the choice made of them wins, wherever it sits among the choices."""
+    good = [" apple", " river", " violin", " granite"]
+    bad = [" seven hundred", " carpet", " Thursday", " lemon tree", " cobalt", " saxophone"]
+    favoured = [tok.encode(w)[0] for w in good]
+    assert all(len(tok.encode(w)) == 1 for w in good)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        choices = [w.strip() for w in rng.choice(bad, 3, replace=False)]
+        answer = int(rng.integers(0, 4))
+        choices.insert(answer, good[i % 4].strip())
+        rows.append({"id": f"q{i}", "question": f"Pick one ({i})", "choices": choices, "answer": answer})
+    assert len({r["answer"] for r in rows}) > 1  # the planted answer moves around
+    path = write_jsonl(tmp_path / "mc.jsonl", rows)
+    model = bigram_model({}, favoured)
+    cfg = EvalConfig(batch_size=5)
+    for primary in ("mean", "sum"):
+        task = MultipleChoiceTask(name="planted", path=path, k_shot=1, primary=primary)
+        rec = eval_multiple_choice(model, tok, task, cfg, CPU)
+        assert rec["metrics"]["items"] == 7  # the first row is the shot
+        assert rec["metrics"]["accuracy"] == 1.0 and rec["metrics"]["acc_sum"] == 1.0
+    # the same items with a random model: scores are real log-probs, not a constant
+    rec = eval_multiple_choice(random_model(3), tok, task, cfg, CPU)
+    assert all(len(set(s["logprob_sum"])) == 4 for s in rec["samples"])
+    # the recorded score of a choice is its log-prob after the k-shot prompt
+    ctx, conts = mc_prompt(rows[1], rows[:1], "text")
+    ids = tok.encode(ctx) + tok.encode(conts[0])
+    assert rec["samples"][0]["logprob_sum"][0] == pytest.approx(
+        full_logit_logprob(random_model(3), ids, len(tok.encode(ctx))), rel=1e-5)
+
+
+def test_multiple_choice_prompts():
+    item = {"question": "2+2?", "choices": ["3", "4"], "answer": 1}
+    shot = {"question": "1+1?", "choices": ["2", "5"], "answer": 0}
+    ctx, conts = mc_prompt(item, [shot], "text")
+    assert ctx == "Question: 1+1?\nAnswer: 2\n\nQuestion: 2+2?\nAnswer:" and conts == [" 3", " 4"]
+    ctx, conts = mc_prompt(item, [shot], "letters")
+    assert ctx == "Question: 1+1?\nA. 2\nB. 5\nAnswer: A\n\nQuestion: 2+2?\nA. 3\nB. 4\nAnswer:"
+    assert conts == [" A", " B"]
+
+
+# ---- generative -------------------------------------------------------------------------------------------------
+def test_generative_extracts_and_scores_answers(tok, tmp_path):
+    """A model that always says 'The answer is 42.' then stops: right where the answer is 42, wrong elsewhere."""
+    rows = [{"id": "a", "question": "What is 40 + 2?", "answer": "42", "oracle": "math"},
+            {"id": "b", "question": "What is 3 + 4?", "answer": "7", "oracle": "math"},
+            {"id": "c", "question": "Write f.", "answer": "", "oracle": "code", "tests": "assert f(1) == 1"},
+            {"id": "d", "messages": [{"role": "user", "content": "How many?"}], "answer": "42.0"}]
+    path = write_jsonl(tmp_path / "q.jsonl", rows)
+    plain_last = generative_prompt(tok, rows[0], [], "plain")[-1]
+    chat_last = generative_prompt(tok, rows[0], [], "chat")[-1]
+    assert {generative_prompt(tok, r, [], "plain")[-1] for r in rows} == {plain_last}
+    words = tok.encode(" The answer is 42.")
+    assert len(set(words)) == len(words) and not {plain_last, chat_last} & set(words)
+    chain = {plain_last: words[0], chat_last: words[0], **dict(zip(words, words[1:]))}
+    model = bigram_model({**chain, words[-1]: EOS_ID})
+    cfg = EvalConfig(batch_size=3)
+    for style in ("plain", "chat"):
+        task = GenerativeTask(name="g", path=path, prompt=style, max_new_tokens=12)
+        rec = eval_generative(model, tok, task, cfg, CPU)
+        assert [s["completion"] for s in rec["samples"]] == [" The answer is 42."] * 4
+        assert [s["correct"] for s in rec["samples"]] == [True, False, False, True]
+        assert [s["extracted"] for s in rec["samples"]] == ["42"] * 4
+        m = rec["metrics"]
+        assert m["accuracy"] == 0.5 and m["accuracy_code"] == 0.0 and m["accuracy_math"] == pytest.approx(2 / 3)
+    # sampled: with a chain this sharp every sample is the same answer; num_samples multiplies the rows
+    task = GenerativeTask(name="g", path=path, temperature=0.5, num_samples=2, max_new_tokens=12)
+    rec = eval_generative(model, tok, task, cfg, CPU)
+    assert len(rec["samples"]) == 8 and rec["metrics"]["accuracy"] == 0.5
+
+
+def test_generative_few_shot_prompt_and_stop(tok):
+    shots = [{"question": "1+1?", "answer": "2"}, {"question": "2+2?", "solution": "2+2=4. The answer is 4."}]
+    ids = generative_prompt(tok, {"question": "3+3?"}, shots, "plain")
+    assert tok.decode(ids) == ("Question: 1+1?\nAnswer: The answer is 2.\n\nQuestion: 2+2?\nAnswer: 2+2=4. The answer "
+                               "is 4.\n\nQuestion: 3+3?\nAnswer:")
+    chat = generative_prompt(tok, {"question": "3+3?"}, shots, "chat")
+    assert chat == tok.apply_chat_template([
+        {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "The answer is 2."},
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "2+2=4. The answer is 4."},
+        {"role": "user", "content": "3+3?"}], add_generation_prompt=True)
+    # completions are cut before the stop token; a row that never stops runs max_new_tokens
+    a, b = tok.encode(" yes")[0], tok.encode(" no")[0]
+    model = bigram_model({a: EOD_ID, b: b})
+    texts = generate_texts(model, tok, [[a], [b]], 5, 0.0, 1.0, EvalConfig(), CPU)
+    assert texts == ["", " no" * 5]
+
+
+# ---- perplexity -------------------------------------------------------------------------------------------------
+def test_perplexity_matches_direct_computation(tok, tmp_path):
+    """Token-weighted NLL per source (jsonl and shards, held-out only) == exp-mean of the full-logit NLL by hand."""
+    from data.mixture import held_out_mask
+    from data.shards import ShardWriter
+
+    model = random_model(2)
+    texts_a = ["The quick brown fox jumps over the lazy dog. " * k for k in (1, 3, 9)]
+    texts_b = ["def f(x):\n    return x + 1\n", "import os\nprint(os.getcwd())\n" * 6]
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts_a])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"body": t} for t in texts_b])
+    rng = np.random.default_rng(0)
+    shard_docs = [[int(t) for t in rng.integers(0, 5000, n)] + [EOD_ID] for n in (5, 60, 17, 33, 90, 8, 41, 12)]
+    writer = ShardWriter(tmp_path / "org", "org", "organic", tok.fingerprint, shard_tokens=100)
+    for d in shard_docs:
+        writer.add(d)
+    writer.close()
+    seq_len = 32  # documents longer than this are scored in windows
+    cfg = EvalConfig(batch_size=3, seq_len=seq_len, perplexity=[
+        PerplexitySource(name="a", path=a, provenance="synthetic"),
+        PerplexitySource(name="b", path=b, provenance="synthetic", text_field="body"),
+        PerplexitySource(name="org", path=str(tmp_path / "org"), held_out_fraction=0.3, seed=7)])
+    records = {r["task"]: r for r in eval_perplexity(model, tok, cfg.perplexity, cfg, CPU)}
+
+    def by_hand(docs):
+        total, count = 0.0, 0
+        for d in docs:
+            for s in range(0, len(d) - 1, seq_len):
+                w = d[s:s + seq_len + 1]
+                total -= full_logit_logprob(model, w, 1)
+                count += len(w) - 1
+        return total, count
+
+    held = np.flatnonzero(held_out_mask(len(shard_docs), 0.3, 7))
+    assert 0 < len(held) < len(shard_docs)
+    expected = {"a": by_hand([tok.encode(t) + [EOD_ID] for t in texts_a]),
+                "b": by_hand([tok.encode(t) + [EOD_ID] for t in texts_b]),
+                "org": by_hand([shard_docs[i] for i in held])}
+    for name, (nll, n) in expected.items():
+        m = records[name]["metrics"]
+        assert m["tokens"] == n
+        assert m["nll"] == pytest.approx(nll / n, rel=1e-5)
+        assert m["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert records["org"]["provenance"] == "organic" and records["org"]["metrics"]["documents"] == len(held)
+    syn = records["synthetic"]["metrics"]  # token-weighted over a and b
+    (na, ca), (nb, cb) = expected["a"], expected["b"]
+    assert syn["tokens"] == ca + cb and syn["nll"] == pytest.approx((na + nb) / (ca + cb), rel=1e-5)
+    assert records["organic"]["metrics"]["nll"] == pytest.approx(records["org"]["metrics"]["nll"])
+    # a token cap cuts the last document and stops
+    capped = PerplexitySource(name="a", path=a, provenance="synthetic", max_tokens=30)
+    _, docs = perplexity_documents(capped, tok)
+    assert sum(len(d) - 1 for d in docs) == 30
+    with pytest.raises(ConfigError, match="provenance"):
+        perplexity_documents(PerplexitySource(name="a", path=a), tok)
