@@ -134,6 +134,9 @@ def validate_messages(messages) -> None:
             raise ValueError(f"messages[{i}]['content'] must be a str, got {type(m.get('content')).__name__}")
 
 
+_HF_CONVERTED: dict[str, str] = {}  # tokenizer fingerprint -> converted tokenizer.json text
+
+
 class Phi4Tokenizer:
     vocab_size = VOCAB_SIZE
     bos_id = BOS_ID
@@ -210,21 +213,9 @@ class Phi4Tokenizer:
             ids += [self._im_start, *self._role_ids["assistant"], self._im_sep]
         return ids
 
-    def save_hf(self, out_dir: str | os.PathLike, model_max_length: int | None = None) -> None:
-        """Write tokenizer.json + tokenizer_config.json (with the chat template) that transformers.AutoTokenizer loads.
-
-        The BPE is converted by transformers' own TikTokenConverter; the 96 specials are added tokens at their ids.
-        `apply_chat_template` (tokenize=True, or tokenize=False and then `tokenizer(text, add_special_tokens=False)`)
-        gives exactly `apply_chat_template`'s ids here, special-looking text in messages included: it stays text
-        (HF_CHAT_TEMPLATE escapes it, the normalizer undoes the escape). What remains different:
-        - a plain `tokenizer(text)` turns special-looking text into special ids (tokenizers' default; pass
-          split_special_tokens=True to keep it text), while our `encode` never does;
-        - the string of `apply_chat_template(..., tokenize=False)` holds U+FDD0 where a message had "<|": it is meant
-          for this tokenizer, not for printing or for another tokenizer;
-        - plain text holding U+FDD0 followed by "|" or U+FDD1 is changed by the normalizer (to "<|", U+FDD0).
-        """
+    def _convert_hf(self):
+        """The BPE as a `tokenizers.Tokenizer`, by transformers' TikTokenConverter (seconds: cached per process)."""
         from tokenizers import normalizers
-        from transformers import PreTrainedTokenizerFast
         from transformers.convert_slow_tokenizer import TikTokenConverter
 
         # The converter appends extra tokens after the 100,256 ranks in list order, so id order gives the table.
@@ -238,6 +229,27 @@ class Phi4Tokenizer:
         for token, token_id in self._special.items():
             if backend.token_to_id(token) != token_id:
                 raise RuntimeError(f"HF conversion put {token} at {backend.token_to_id(token)}, expected {token_id}")
+        return backend
+
+    def save_hf(self, out_dir: str | os.PathLike, model_max_length: int | None = None) -> None:
+        """Write tokenizer.json + tokenizer_config.json (with the chat template) that transformers.AutoTokenizer loads.
+
+        The BPE is converted by transformers' own TikTokenConverter; the 96 specials are added tokens at their ids.
+        `apply_chat_template` (tokenize=True, or tokenize=False and then `tokenizer(text, add_special_tokens=False)`)
+        gives exactly `apply_chat_template`'s ids here, special-looking text in messages included: it stays text
+        (HF_CHAT_TEMPLATE escapes it, the normalizer undoes the escape). What remains different:
+        - a plain `tokenizer(text)` turns special-looking text into special ids (tokenizers' default; pass
+          split_special_tokens=True to keep it text), while our `encode` never does;
+        - the string of `apply_chat_template(..., tokenize=False)` holds U+FDD0 where a message had "<|": it is meant
+          for this tokenizer, not for printing or for another tokenizer;
+        - plain text holding U+FDD0 followed by "|" or U+FDD1 is changed by the normalizer (to "<|", U+FDD0).
+        """
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        if self.fingerprint not in _HF_CONVERTED:
+            _HF_CONVERTED[self.fingerprint] = self._convert_hf().to_str()
+        backend = Tokenizer.from_str(_HF_CONVERTED[self.fingerprint])
         extra = {"model_max_length": model_max_length} if model_max_length else {}
         hf = PreTrainedTokenizerFast(
             tokenizer_object=backend,
