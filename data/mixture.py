@@ -177,9 +177,9 @@ def _source_tokens(src: SourceConfig, cfg: DataConfig) -> tuple[int | None, int 
     """(unique training tokens, tokens per pass incl. up-weighting) of a source; None when unknown."""
     if src.unique_tokens > 0:
         return src.unique_tokens, src.unique_tokens
-    if not src.path:
-        return None, None
-    from data.shards import ShardedSource  # lazy: planning needs no prepared data
+    if not src.path or not (Path(src.path) / "manifest.json").is_file():
+        return None, None  # not prepared yet: planning needs no prepared data
+    from data.shards import ShardedSource
     sharded = ShardedSource(src.path, verify="size")
     lengths = sharded.doc_lengths()
     entries = epoch_entries(lengths, src, held_out_mask(len(lengths), cfg.held_out_fraction, cfg.seed))

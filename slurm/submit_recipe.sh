@@ -17,7 +17,12 @@
 # Jobs run from the repo root (relative paths in stage configs mean what they mean to the runner); their logs,
 # <job name>-<id>.out/.err, land in the directory you submit from.
 # The recipe's and stages' `nproc` (the local runner's process count) is not used: the Slurm allocation decides.
-# sbatch options given after the recipe apply to every job (e.g. --partition=gpu --account=me --nodes=4).
+# Each job's --nodes, --gpus-per-node and --time are the ones its stage states in the recipe (a stage's `nodes`,
+# `gpus_per_node`, `time`, else the recipe's; one-task jobs always --nodes=1); what the recipe does not state comes
+# from the sbatch script (or, for one-task jobs, 1 GPU and 24:00:00). `python -m train.recipe <recipe> --dry-run`
+# checks every stage's batch against those resources: change them in the recipe, not here.
+# sbatch options given after the recipe apply to every job (e.g. --partition=gpu --account=me); the recipe's
+# resources come after them and win.
 # Jobs run with --dependency=afterok:<previous> --kill-on-invalid-dep=yes: a failed stage cancels the rest of the
 # chain instead of leaving it pending forever; a stage requeued after preemption keeps its successors waiting.
 # PHI4_RECIPE_DIR is exported to the jobs (stage configs use ${oc.env:PHI4_RECIPE_DIR,...}), as the runner does.
@@ -42,14 +47,15 @@ common_opts=("$@")
 [ -f "$recipe" ] || { echo "recipe not found: $recipe" >&2; exit 2; }
 recipe="$(cd "$(dirname "$recipe")" && pwd)/$(basename "$recipe")"
 
-# Line 1: the recipe's output_dir. Then one line per stage, shell-quoted: name, "train" <sbatch script> <args...>
-# or "cmd" <shell command>.
+# Line 1: the recipe's output_dir. Then one line per stage, shell-quoted: name, "train" <resources> <sbatch script>
+# <args...> or "cmd" <resources> <shell command>; <resources> is one word of sbatch options, maybe empty.
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 plan="$("${PHI4_PYTHON:-python}" - "$recipe" "$from" <<'PY'
 import os, shlex, sys
 from pathlib import Path
 
 from train.config import REPO_ROOT, ConfigError, load_config
+from train.recipe.dry_run import sbatch_options
 from train.recipe.runner import Recipe, RecipeRunner
 
 path, start = sys.argv[1], sys.argv[2]
@@ -66,6 +72,7 @@ for stage in recipe.stages:
     started = started or stage.name == start
     if started:
         cmd = runner._command(stage)
+        resources = " ".join(sbatch_options(recipe, stage))  # e.g. "--nodes=240 --gpus-per-node=8 --time=48:00:00"
         if stage.kind == "train":
             args = cmd[cmd.index("train") + 1:]  # <config> <runner wiring> <stage overrides>
             config = args[0] if (REPO_ROOT / args[0]).is_file() else str(Path(args[0]).resolve())
@@ -74,9 +81,9 @@ for stage in recipe.stages:
                 kind = load_config(config, args[1:]).stage
             except ConfigError as e:
                 sys.exit(f"{path}: stage {stage.name}: {e}")
-            lines.append(shlex.join([stage.name, "train", f"{kind}.sbatch", config, *args[1:]]))
+            lines.append(shlex.join([stage.name, "train", resources, f"{kind}.sbatch", config, *args[1:]]))
         else:  # through the runner, so the stage leaves the runner's records
-            lines.append(shlex.join([stage.name, "cmd", "${PHI4_PYTHON:-python} -m train.recipe "
+            lines.append(shlex.join([stage.name, "cmd", resources, "${PHI4_PYTHON:-python} -m train.recipe "
                                      + " ".join(shlex.quote(c) for c in (path, "--stage", stage.name))]))
     if stage.kind == "train":
         runner.last_train = runner.stage_dir(stage.name)
@@ -93,14 +100,16 @@ while IFS= read -r line; do
     name="${f[0]}"
     dep=()
     [ -n "$prev" ] && dep=("--dependency=afterok:$prev" "--kill-on-invalid-dep=yes")
+    read -r -a res <<< "${f[2]}"  # the recipe's resources for this stage: after your options, so they win
     if [ "${f[1]}" = train ]; then
-        cmd=(sbatch --parsable --job-name="phi4-$name" "${where[@]}" "${dep[@]}" "${common_opts[@]}"
-             "$REPO/slurm/${f[2]}" "${f[@]:3}")
-        what="${f[2]%.sbatch}"
+        cmd=(sbatch --parsable --job-name="phi4-$name" "${where[@]}" "${dep[@]}" "${common_opts[@]}" "${res[@]}"
+             "$REPO/slurm/${f[3]}" "${f[@]:4}")
+        what="${f[3]%.sbatch}"
     else
-        wrap="{ [ -z \"\${PHI4_ENV_SETUP:-}\" ] || eval \"\$PHI4_ENV_SETUP\"; } && ${f[2]}"
+        wrap="{ [ -z \"\${PHI4_ENV_SETUP:-}\" ] || eval \"\$PHI4_ENV_SETUP\"; } && ${f[3]}"
         cmd=(sbatch --parsable --job-name="phi4-$name" --nodes=1 --ntasks=1 --gpus-per-node=1 --exclusive --mem=0
-             --time=24:00:00 --open-mode=append "${where[@]}" "${dep[@]}" "${common_opts[@]}" --wrap="$wrap")
+             --time=24:00:00 --open-mode=append "${where[@]}" "${dep[@]}" "${common_opts[@]}" "${res[@]}"
+             --wrap="$wrap")
         what="command"
     fi
     if [ "$dry_run" = 1 ]; then
@@ -117,7 +126,7 @@ done <<< "${plan#*$'\n'}"
 # The summary, once the last stage succeeded: CPU work on one node.
 wrap="{ [ -z \"\${PHI4_ENV_SETUP:-}\" ] || eval \"\$PHI4_ENV_SETUP\"; } && \${PHI4_PYTHON:-python} -m train.recipe $(printf '%q' "$recipe") --summary"
 cmd=(sbatch --parsable --job-name="phi4-summary" --nodes=1 --ntasks=1 --time=01:00:00 --open-mode=append
-     "${where[@]}" --dependency="afterok:$prev" --kill-on-invalid-dep=yes "${common_opts[@]}" --wrap="$wrap")
+     "${where[@]}" --dependency="afterok:$prev" --kill-on-invalid-dep=yes "${common_opts[@]}" --nodes=1 --wrap="$wrap")
 if [ "$dry_run" = 1 ]; then
     printf '%q ' "${cmd[@]}"; echo
     exit 0

@@ -1,5 +1,5 @@
 import sys
 
-from train.recipe.runner import main
+from train.recipe.cli import main
 
 sys.exit(main())

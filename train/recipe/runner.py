@@ -1,5 +1,5 @@
-"""`python -m train.recipe <recipe.yaml> [key=value ...] [--stage NAME | --summary]`: the whole recipe, stage after
-stage, from one command.
+"""`python -m train.recipe <recipe.yaml> [key=value ...] [--stage NAME | --summary | --dry-run [--gpus N] [--strict]]`:
+the whole recipe, stage after stage, from one command.
 
 A recipe lists stages in order; each runs as its own process (torchrun when `nproc` > 1) in `<output_dir>/<name>/`,
 and each training stage starts from the previous training stage's weights. A stage already complete is skipped on
@@ -7,12 +7,14 @@ re-run, and an interrupted training stage continues from its newest checkpoint (
 stage configs may use `${oc.env:PHI4_RECIPE_DIR,...}`: the runner sets it to the recipe's output_dir.
 At the end `<output_dir>/summary.md` (+ .json) and `<output_dir>/plots/<stage>.png` say what happened.
 `--stage NAME` runs that stage alone (wired as in the whole run), `--summary` only writes the summary from what is on
-disk: slurm/submit_recipe.sh uses both, so a Slurm chain leaves the same records as a local run.
+disk: slurm/submit_recipe.sh uses both, so a Slurm chain leaves the same records as a local run. `--dry-run` checks
+the whole chain with no data and no GPU (train/recipe/dry_run.py) and prints its per-stage plan.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -22,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.fileio import atomic_write
-from train.config import REPO_ROOT, ConfigError, load_config
+from train.config import REPO_ROOT, ConfigError
 
 KINDS = ("smoke_data", "prepare", "train", "pts", "export", "eval")
+# Slurm's --time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]
+SLURM_TIME = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2})$")
 
 
 @dataclass
@@ -36,6 +40,15 @@ class RecipeStage:
     nproc: int = 0  # processes for a train stage; 0 = the recipe's nproc
     model_from: str = ""  # pts / export / eval: the stage whose model to use; default: the last train stage
     gguf: str = ""  # export: also write a GGUF of this type (f32 | f16 | bf16 | q8_0) for llama.cpp / Ollama; "" = none
+    # Resources of the stage's Slurm job (slurm/submit_recipe.sh) and its world size in the dry run; 0 / "" = the
+    # recipe's value. Only train stages run on several nodes; the others are one task on one node.
+    nodes: int = 0
+    gpus_per_node: int = 0
+    time: str = ""  # Slurm time limit of one job (a training job requeues itself at the limit and resumes)
+
+    def gguf_path(self, stage_dir: Path) -> Path | None:
+        """Where this export stage writes its GGUF file (the Modelfile goes beside it); None without one."""
+        return stage_dir / "gguf" / f"model-{self.gguf}.gguf" if self.gguf else None
 
 
 @dataclass
@@ -43,6 +56,13 @@ class Recipe:
     output_dir: str = "runs/recipe"
     nproc: int = 1  # processes per training stage (torchrun when > 1)
     seed: int = 1234  # smoke_data
+    # Defaults of the stages' resources (RecipeStage.nodes, ...); 0 / "" = the sbatch script's own #SBATCH value,
+    # and for the dry run's world size: --gpus N, else nodes x gpus_per_node, else nproc.
+    nodes: int = 0
+    gpus_per_node: int = 0  # 0 = nproc
+    time: str = ""
+    gpu: str = "h100-80gb"  # the dry run's memory and time plan (train/plan.py GPUS)
+    export_context: int = 0  # the context the final model must have (dry run); 0 = the longest context trained
     stages: list[RecipeStage] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -66,11 +86,21 @@ class Recipe:
                 if s.gguf not in GGUF_TYPES:
                     raise ConfigError(f"stages[{i}] ({s.name}).gguf={s.gguf!r}; expected one of {sorted(GGUF_TYPES)} "
                                       "or \"\" for none")
+            if s.nodes < 0 or s.gpus_per_node < 0 or (s.nodes > 1 and s.kind != "train"):
+                raise ConfigError(f"stages[{i}] ({s.name}): nodes={s.nodes}, gpus_per_node={s.gpus_per_node}; "
+                                  "expected >= 0 (0 = the recipe's), and nodes > 1 only for train stages")
+            if s.time and not SLURM_TIME.match(s.time):
+                raise ConfigError(f"stages[{i}] ({s.name}).time={s.time!r}; expected a Slurm time such as 48:00:00 "
+                                  "or 2-00:00:00")
+        from train.plan import GPUS
 
-
-def gguf_file(stage_dir: Path, gguf_type: str) -> Path:
-    """Where an export stage writes its GGUF (its Ollama Modelfile goes beside it)."""
-    return stage_dir / "gguf" / f"model-{gguf_type}.gguf"
+        if self.nodes < 0 or self.gpus_per_node < 0 or self.export_context < 0:
+            raise ConfigError(f"nodes={self.nodes}, gpus_per_node={self.gpus_per_node}, export_context="
+                              f"{self.export_context}: expected >= 0")
+        if self.time and not SLURM_TIME.match(self.time):
+            raise ConfigError(f"time={self.time!r}; expected a Slurm time such as 48:00:00 or 2-00:00:00")
+        if self.gpu not in GPUS:
+            raise ConfigError(f"gpu={self.gpu!r}; expected one of {sorted(GPUS)}")
 
 
 def dead_run(run_dir: Path) -> str:
@@ -159,7 +189,7 @@ class RecipeRunner:
             return [py, "-m", "train.pts", stage.config, f"model={self._model_dir(stage)}",
                     f"output={d / 'pairs.jsonl'}", *extra]
         if stage.kind == "export":
-            gguf = ["--gguf", str(gguf_file(d, stage.gguf)), "--gguf-type", stage.gguf] if stage.gguf else []
+            gguf = ["--gguf", str(stage.gguf_path(d)), "--gguf-type", stage.gguf] if stage.gguf else []
             return [py, "-m", "train.export", str(self._model_dir(stage)), str(d / "hf"), "--overwrite", *gguf,
                     *extra]
         return [py, "-m", "train.eval", stage.config, f"model_path={self._model_dir(stage)}", f"output_dir={d}",
@@ -203,42 +233,3 @@ class RecipeRunner:
             raise StageFailed(f"stage {stage.name} failed (exit {proc.returncode}); log {d / 'stage.log'}:\n{tail}")
         self.log(f"[recipe] {stage.name}: done in {seconds:.0f} s")
         return record
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    usage = "usage: python -m train.recipe <recipe.yaml> [key=value ...] [--stage NAME | --summary]"
-    if not args or args[0] in ("-h", "--help"):
-        print(usage)
-        return 0 if args else 2
-    only, summary_only, overrides = None, False, []
-    rest = iter(args[1:])
-    for a in rest:
-        if a == "--stage":
-            only = next(rest, None)
-            if not only:
-                print(f"--stage needs a stage name\n{usage}", file=sys.stderr)
-                return 2
-        elif a == "--summary":
-            summary_only = True
-        else:
-            overrides.append(a)
-    if only and summary_only:
-        print(f"--stage and --summary are exclusive\n{usage}", file=sys.stderr)
-        return 2
-    try:
-        recipe = load_config(args[0], overrides, schema=Recipe)
-        runner = RecipeRunner(recipe)
-        if summary_only:
-            runner.summarize()
-        else:
-            runner.run(only)
-    except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        return 2
-    except StageFailed as e:
-        print(f"recipe failed: {e}", file=sys.stderr)
-        return 1
-    if only is None:
-        print(f"[recipe] {'summary' if summary_only else 'complete'}: {Path(recipe.output_dir) / 'summary.md'}")
-    return 0

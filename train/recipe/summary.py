@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 from data.fileio import atomic_write
-from train.recipe.runner import gguf_file
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -91,7 +90,7 @@ def write_summary(out: Path, recipe, results: list[dict]) -> dict:
             entry.update({k: v for k, v in s.items() if k != "curve"})
         elif stage.kind == "export":
             entry["exported"] = str(d / "hf")
-            gguf = gguf_file(d, stage.gguf) if stage.gguf else None
+            gguf = stage.gguf_path(d)
             if gguf is not None and gguf.is_file():
                 entry["gguf"] = str(gguf)
                 entry["modelfile"] = str(gguf.parent / "Modelfile")  # written beside it by train.export.gguf
