@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data.tokenizer import EOS_ID, Phi4Tokenizer
-from tests.train.export.test_gguf import CHAT, CONTEXT, LLAMA_MISSING, STOP_AFTER, greedy, make_it_stop, tiny_model
+from tests.helpers.gguf import CHAT, CONTEXT, LLAMA_MISSING, STOP_AFTER, greedy, make_it_stop, tiny_model
 from train.export.gguf import to_gguf
 
 START_TIMEOUT_S = 120
