@@ -58,10 +58,16 @@ def _hf_escaped(expr: str) -> str:
     return f"({expr} | replace('{HF_ESCAPE}', '{HF_ESCAPE}{HF_ESCAPE_LITERAL}') | replace('<|', '{HF_ESCAPE}|'))"
 
 
+# {% generation %} marks what render_chat trains on (assistant content and its <|im_end|>), so transformers'
+# return_assistant_tokens_mask and TRL's assistant_only_loss see our loss mask; the tag renders nothing.
 HF_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + " + _hf_escaped("message['role']") + " + '<|im_sep|>' + "
-    + _hf_escaped("message['content']") + " + '<|im_end|>' }}"
+    "{{ '<|im_start|>' + " + _hf_escaped("message['role']") + " + '<|im_sep|>' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ " + _hf_escaped("message['content']") + " + '<|im_end|>' }}"
+    "{% endgeneration %}{% else %}"
+    "{{ " + _hf_escaped("message['content']") + " + '<|im_end|>' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
 )

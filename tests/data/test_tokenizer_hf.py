@@ -96,3 +96,18 @@ def test_documented_differences_remain(tok, hf_tok):
     # Ordinary text is untouched by it.
     for text in ["plain", "a < b | c", "\ufdd1 alone", "\ufdd0 then space"]:
         assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
+
+
+def test_assistant_mask_is_our_loss_mask(tok, hf_tok):
+    """The {% generation %} markers: transformers' assistant mask (what TRL's assistant_only_loss trains on) equals
+    render_chat's loss mask token by token, with special-looking text and escapes inside the messages too."""
+    chats = [INJECTION + [{"role": "user", "content": "again?"}, {"role": "assistant", "content": "yes \ufdd0|"}],
+             [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+             [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]]
+    for chat in chats:
+        out = hf_tok.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = tok.render_chat(chat)
+        assert list(out["input_ids"]) == ids
+        assert [bool(m) for m in out["assistant_masks"]] == mask, chat
+        assert any(mask) == any(m["role"] == "assistant" for m in chat)  # the mask is not trivially all-False
+

@@ -7,14 +7,23 @@ from data.config import PROVENANCES
 from train.config import ConfigError, WandbConfig
 
 
+PRIMARY = ("acc", "acc_norm", "per_token")
+RENAMED_PRIMARY = {"sum": "acc", "mean": "per_token"}  # the names before acc/acc_norm followed lm-eval's
+
+
 @dataclass
 class MultipleChoiceTask:
     name: str = ""
     path: str = ""  # jsonl rows {"question", "choices": [...], "answer": index}
     k_shot: int = 0
     fewshot_path: str = ""  # shots = its first k rows; empty = the first k rows of `path` (then not scored)
-    format: str = "text"  # text: score each choice's text (ARC) | letters: list choices as A-D, score the letter (MMLU)
-    primary: str = "mean"  # the score `accuracy` uses: mean (per-token, length-normalised) | sum
+    # text: score each choice's text (ARC) | letters: list choices as A-D, score the letter | mmlu: lm-eval's `mmlu`
+    # prompt (subject header; shots: the first k rows of the item's subject in fewshot_path, the dev split)
+    format: str = "text"
+    subject: str = ""  # format mmlu: every row's subject, e.g. high_school_us_history; empty = each row's "subject"
+    # the score `accuracy` repeats: acc (summed log-prob) | acc_norm (per character of the choice), both as
+    # lm-evaluation-harness defines them | per_token (our per-token mean, reported as acc_per_token)
+    primary: str = "acc_norm"
     limit: int = 0  # 0 = every item
 
 
@@ -76,8 +85,13 @@ class EvalConfig:
                    ("precision", self.precision, ("auto", "bf16", "fp32")),
                    ("wandb.mode", self.wandb.mode, ("online", "offline", "disabled")),
                    ("recall.prompt", self.recall.prompt, ("plain", "chat"))]
-        choices += [(f"multiple_choice[{i}].format", t.format, ("text", "letters")) for i, t in enumerate(mc)]
-        choices += [(f"multiple_choice[{i}].primary", t.primary, ("mean", "sum")) for i, t in enumerate(mc)]
+        choices += [(f"multiple_choice[{i}].format", t.format, ("text", "letters", "mmlu")) for i, t in enumerate(mc)]
+        for i, t in enumerate(mc):
+            if t.primary in RENAMED_PRIMARY:
+                raise ConfigError(f"eval config: multiple_choice[{i}].primary={t.primary!r} was renamed: use "
+                                  f"{RENAMED_PRIMARY[t.primary]!r} (the metric is now called "
+                                  f"{'acc' if t.primary == 'sum' else 'acc_per_token'})")
+        choices += [(f"multiple_choice[{i}].primary", t.primary, PRIMARY) for i, t in enumerate(mc)]
         choices += [(f"generative[{i}].prompt", t.prompt, ("plain", "chat")) for i, t in enumerate(gen)]
         choices += [(f"perplexity[{i}].provenance", t.provenance, ("",) + PROVENANCES) for i, t in enumerate(ppl)]
         for key, value, allowed in choices:
@@ -94,6 +108,10 @@ class EvalConfig:
             names = [t.name for t in tasks]
             if len(set(names)) != len(names) or not all(names) or not all(t.path for t in tasks):
                 raise ConfigError(f"eval config: every {section} entry needs a unique name and a path; got {names}")
+        for i, t in enumerate(mc):
+            if t.format == "mmlu" and t.k_shot and not t.fewshot_path:
+                raise ConfigError(f"eval config: multiple_choice[{i}] ({t.name}): format=mmlu takes its shots from the "
+                                  f"dev split: set fewshot_path")
         for i, t in enumerate(gen):
             if t.temperature < 0 or t.top_p > 1:
                 raise ConfigError(f"eval config: generative[{i}]: temperature={t.temperature} must be >= 0 and "

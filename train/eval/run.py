@@ -2,7 +2,8 @@
 
 Tasks (Phi-4 report §3 and §5), each on jsonl files, each giving one result record:
 - multiple choice by log-likelihood, k-shot (MMLU / ARC style): every choice is scored by the sum of its tokens'
-  log-probs after the prompt, and by their mean (length-normalised); `primary` picks which one `accuracy` reports;
+  log-probs after the prompt; reported as lm-evaluation-harness's `acc` (sum) and `acc_norm` (sum per character of
+  the choice), and as `acc_per_token` (sum per token, ours); `primary` picks which one `accuracy` repeats;
 - generative few-shot (GSM8K / MATH style): greedy or sampled completions, plain few-shot text (base models) or the
   chat template (chat models), checked by `data.verify.answers` (answer match; unit tests in the sandbox for code items);
 - perplexity per source (prepared shards or jsonl text), token-weighted, and aggregated per provenance

@@ -83,8 +83,12 @@ def labelled_nll(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return torch.zeros(labels.shape, dtype=torch.float32, device=ids.device).masked_scatter(mask, picked.float())
 
 
-def mc_prompt(item: dict, shots: list[dict], fmt: str) -> tuple[str, list[str]]:
-    """(context, one continuation per choice): 'Question: ...\\nAnswer:' + ' <choice>' (text) or ' <letter>'."""
+def mc_prompt(item: dict, shots: list[dict], fmt: str, subject: str = "") -> tuple[str, list[str]]:
+    """(context, one continuation per choice). text: 'Question: ...\\nAnswer:' + ' <choice>'; letters: the choices
+    listed as A-D, + ' <letter>'; mmlu: lm-eval's `mmlu` prompt (subject header, no 'Question: ', stripped question)."""
+    if fmt == "mmlu":
+        return mmlu_prompt(item, shots, subject or item.get("subject", ""))
+
     def block(row: dict) -> str:
         if fmt == "letters":
             options = "".join(f"\n{chr(65 + j)}. {c}" for j, c in enumerate(row["choices"]))
@@ -98,12 +102,60 @@ def mc_prompt(item: dict, shots: list[dict], fmt: str) -> tuple[str, list[str]]:
     return context, [answer(item, j) for j in range(len(item["choices"]))]
 
 
+def mmlu_prompt(item: dict, shots: list[dict], subject: str) -> tuple[str, list[str]]:
+    """lm-evaluation-harness's `mmlu` (default) prompt: 'The following are multiple choice questions (with answers)
+    about <subject, _ as spaces>.\\n\\n', then each shot as '<question>\\nA. ..\\nB. ..\\nAnswer: <letter>\\n\\n',
+    then the item's block ending 'Answer:'; continuations ' A', ' B', ..."""
+    if not subject:
+        raise ValueError("format=mmlu needs the subject: set the task's `subject` or give each row a \"subject\"")
+
+    def block(row: dict) -> str:
+        options = "".join(f"\n{chr(65 + j)}. {c}" for j, c in enumerate(row["choices"]))
+        return f"{row['question'].strip()}{options}\nAnswer:"
+
+    header = f"The following are multiple choice questions (with answers) about {' '.join(subject.split('_'))}.\n\n"
+    shots_text = "".join(f"{block(s)} {chr(65 + int(s['answer']))}\n\n" for s in shots)
+    return header + shots_text + block(item), [f" {chr(65 + j)}" for j in range(len(item["choices"]))]
+
+
+def mmlu_shots(item: dict, pool: list[dict], k: int, subject: str, path: str) -> list[dict]:
+    """The first k dev rows of the item's subject (lm-eval's `first_n` sampler on that subject's dev split)."""
+    subject = subject or item.get("subject", "")
+    same = [r for r in pool if (r.get("subject") or subject) == subject][:k]
+    if len(same) < k:
+        raise ValueError(f"{path}: {len(same)} few-shot rows for subject {subject!r}, fewer than k_shot={k}")
+    return same
+
+
+# lm-evaluation-harness's names and definitions, so a number called acc / acc_norm is comparable to the one users
+# quote; the per-token mean is ours and is reported only under its own name.
+MC_METRICS = ("acc", "acc_norm", "acc_per_token")
+
+
+def mc_predictions(logprobs: list[float], tokens: list[int], continuations: list[str]) -> dict[str, int]:
+    """Chosen index per metric: acc = argmax of the summed log-prob; acc_norm = argmax of log-prob per character of
+    the choice (lm-eval's len() of the choice string, without the space joining it to the prompt); acc_per_token =
+    argmax of log-prob per token. Ties go to the first choice, as np.argmax does in lm-eval."""
+    chars = [len(c[1:] if c.startswith(" ") else c) for c in continuations]
+    return {"acc": int(np.argmax(logprobs)),
+            "acc_norm": int(np.argmax([lp / max(n, 1) for lp, n in zip(logprobs, chars)])),
+            "acc_per_token": int(np.argmax([lp / n for lp, n in zip(logprobs, tokens)]))}
+
+
 def eval_multiple_choice(model, tok, task: MultipleChoiceTask, cfg: EvalConfig, device) -> dict:
-    shots, items = _shots_and_items(task.path, task.fewshot_path, task.k_shot, task.limit,
-                                    ("question", "choices", "answer"))
-    requests, owner = [], []
+    if task.format == "mmlu":  # shots per subject, from the dev split (fewshot_path), never from the scored rows
+        items = read_jsonl(task.path, ("question", "choices", "answer"))
+        items = items[:task.limit] if task.limit else items
+        pool = read_jsonl(task.fewshot_path) if task.k_shot else []
+    else:
+        shots, items = _shots_and_items(task.path, task.fewshot_path, task.k_shot, task.limit,
+                                        ("question", "choices", "answer"))
+    requests, owner, item_conts = [], [], []
     for n, item in enumerate(items):
-        context, conts = mc_prompt(item, shots, task.format)
+        if task.format == "mmlu":
+            shots = mmlu_shots(item, pool, task.k_shot, task.subject, task.fewshot_path)
+        context, conts = mc_prompt(item, shots, task.format, task.subject)
+        item_conts.append(conts)
         ctx_ids = tok.encode(context)
         requests += [(ctx_ids, tok.encode(c)) for c in conts]
         owner += [n] * len(conts)
@@ -111,15 +163,17 @@ def eval_multiple_choice(model, tok, task: MultipleChoiceTask, cfg: EvalConfig, 
     per_item: list[list[tuple[float, int]]] = [[] for _ in items]
     for n, s in zip(owner, scores):
         per_item[n].append(s)
-    samples, hits = [], {"sum": 0, "mean": 0}
-    for item, sc in zip(items, per_item):
-        pred = {"sum": int(np.argmax([s for s, _ in sc])), "mean": int(np.argmax([s / n for s, n in sc]))}
+    samples, hits = [], dict.fromkeys(MC_METRICS, 0)
+    for item, conts, sc in zip(items, item_conts, per_item):
+        pred = mc_predictions([s for s, _ in sc], [n for _, n in sc], conts)
         for key in hits:
             hits[key] += int(pred[key] == int(item["answer"]))
-        samples.append({"id": item.get("id"), "answer": int(item["answer"]), "pred_sum": pred["sum"],
-                        "pred_mean": pred["mean"], "logprob_sum": [s for s, _ in sc], "tokens": [n for _, n in sc]})
+        samples.append({"id": item.get("id"), "answer": int(item["answer"]),
+                        **{f"pred_{k}": v for k, v in pred.items()},
+                        "logprob_sum": [s for s, _ in sc], "tokens": [n for _, n in sc]})
     n = max(len(items), 1)
-    metrics = {"accuracy": hits[task.primary] / n, "acc_sum": hits["sum"] / n, "acc_mean": hits["mean"] / n,
+    primary = "acc_per_token" if task.primary == "per_token" else task.primary
+    metrics = {"accuracy": hits[primary] / n, **{k: v / n for k, v in hits.items()},
                "items": len(items), "k_shot": task.k_shot}
     return {"task": task.name, "kind": "multiple_choice", "metrics": metrics, "samples": samples}
 

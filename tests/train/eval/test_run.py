@@ -79,7 +79,7 @@ def test_evaluate_in_loop_returns_flat_metrics_and_restores_mode(tok, tmp_path):
                      recall=RecallProbe(lengths=[160], samples=1))
     out = evaluate(model, tok, cfg, CPU)
     assert model.training
-    assert set(out) >= {"eval/mc/mc/accuracy", "eval/mc/mc/acc_sum", "eval/recall/json_kv/len_160/exact_match"}
+    assert set(out) >= {"eval/mc/mc/accuracy", "eval/mc/mc/acc", "eval/mc/mc/acc_norm", "eval/mc/mc/acc_per_token", "eval/recall/json_kv/len_160/exact_match"}
     assert all(k.startswith("eval/") for k in out)
     assert dataclasses.asdict(cfg)  # a plain dataclass the trainer can carry in its config
 

@@ -14,7 +14,7 @@ from tests.helpers.eval_models import bigram_model, full_logit_logprob, random_m
 from tests.helpers.files import write_jsonl
 from train.eval.config import EvalConfig, GenerativeTask, MultipleChoiceTask, PerplexitySource
 from train.eval.tasks import (continuation_logprobs, eval_generative, eval_multiple_choice, eval_perplexity,
-                              generate_texts, generative_prompt, mc_prompt, perplexity_documents)
+                              generate_texts, generative_prompt, mc_predictions, mc_prompt, perplexity_documents)
 
 CPU = torch.device("cpu")
 
@@ -52,11 +52,11 @@ def test_multiple_choice_picks_the_planted_answer(tok, tmp_path):
     path = write_jsonl(tmp_path / "mc.jsonl", rows)
     model = bigram_model({}, favoured)
     cfg = EvalConfig(batch_size=5)
-    for primary in ("mean", "sum"):
+    for primary in ("acc", "acc_norm", "per_token"):
         task = MultipleChoiceTask(name="planted", path=path, k_shot=1, primary=primary)
         rec = eval_multiple_choice(model, tok, task, cfg, CPU)
         assert rec["metrics"]["items"] == 7  # the first row is the shot
-        assert rec["metrics"]["accuracy"] == 1.0 and rec["metrics"]["acc_sum"] == 1.0
+        assert rec["metrics"]["accuracy"] == 1.0 and rec["metrics"]["acc"] == 1.0
     # the same items with a random model: scores are real log-probs, not a constant
     rec = eval_multiple_choice(random_model(3), tok, task, cfg, CPU)
     assert all(len(set(s["logprob_sum"])) == 4 for s in rec["samples"])
@@ -67,6 +67,46 @@ def test_multiple_choice_picks_the_planted_answer(tok, tmp_path):
         full_logit_logprob(random_model(3), ids, len(tok.encode(ctx))), rel=1e-5)
 
 
+def test_mc_predictions_by_hand():
+    """Three choices whose winners differ by metric. Log-probs -6, -8, -9; tokens 3, 2, 6; characters (the space
+    joining the choice to the prompt not counted, as lm-eval's len(choice)) 2, 10, 12:
+    acc: max(-6, -8, -9) -> 0; acc_norm: -6/2=-3, -8/10=-0.8, -9/12=-0.75 -> 2; per token: -2, -4, -1.5 -> 2.
+    With tokens 3, 1, 9: per token -2, -8, -1 -> 2; with characters 2, 10, 30: acc_norm -3, -0.8, -0.3 -> 2.
+    And a case where acc_norm and per_token disagree: tokens 3, 2, 9 (-2, -4, -1 -> 2) vs characters 2, 10, 3
+    (-3, -0.8, -3 -> 1)."""
+    conts = [" ab", " abcdefghij", " abcdefghijkl"]
+    assert mc_predictions([-6.0, -8.0, -9.0], [3, 2, 6], conts) == {"acc": 0, "acc_norm": 2, "acc_per_token": 2}
+    assert mc_predictions([-6.0, -8.0, -9.0], [3, 2, 9], [" ab", " abcdefghij", " abc"]) == \
+        {"acc": 0, "acc_norm": 1, "acc_per_token": 2}
+    assert mc_predictions([-1.0, -1.0], [1, 1], [" A", " B"]) == {"acc": 0, "acc_norm": 0, "acc_per_token": 0}
+
+
+def test_mc_metrics_by_hand(tok, tmp_path):
+    """End to end on a random model: acc, acc_norm, acc_per_token equal argmaxes of the recorded log-probs divided by
+    hand-counted lengths, and `accuracy` repeats the primary one."""
+    rows = [{"question": f"Q{i}?", "choices": ["a", "bb bb bb", "c c", "dddd dddd dddd dddd"], "answer": i % 4}
+            for i in range(12)]
+    path = write_jsonl(tmp_path / "mc.jsonl", rows)
+    chars = [1, 8, 3, 19]
+    recs = {p: eval_multiple_choice(random_model(5), tok, MultipleChoiceTask(name="m", path=path, primary=p),
+                                    EvalConfig(batch_size=7), CPU) for p in ("acc", "acc_norm", "per_token")}
+    rec = recs["acc"]
+    want = {"acc": 0, "acc_norm": 0, "acc_per_token": 0}
+    for s, row in zip(rec["samples"], rows):
+        lp, toks = s["logprob_sum"], s["tokens"]
+        assert toks == [len(tok.encode(" " + c)) for c in row["choices"]]
+        for key, scores in (("acc", lp), ("acc_norm", [x / n for x, n in zip(lp, chars)]),
+                            ("acc_per_token", [x / n for x, n in zip(lp, toks)])):
+            assert s[f"pred_{key}"] == max(range(4), key=lambda j: scores[j])
+            want[key] += s[f"pred_{key}"] == row["answer"]
+    for key, hits in want.items():
+        assert rec["metrics"][key] == hits / 12
+    assert recs["acc"]["metrics"]["accuracy"] == recs["acc"]["metrics"]["acc"]
+    assert recs["acc_norm"]["metrics"]["accuracy"] == recs["acc"]["metrics"]["acc_norm"]
+    assert recs["per_token"]["metrics"]["accuracy"] == recs["acc"]["metrics"]["acc_per_token"]
+    assert "acc_mean" not in rec["metrics"] and "acc_sum" not in rec["metrics"]
+
+
 def test_multiple_choice_prompts():
     item = {"question": "2+2?", "choices": ["3", "4"], "answer": 1}
     shot = {"question": "1+1?", "choices": ["2", "5"], "answer": 0}
@@ -75,6 +115,39 @@ def test_multiple_choice_prompts():
     ctx, conts = mc_prompt(item, [shot], "letters")
     assert ctx == "Question: 1+1?\nA. 2\nB. 5\nAnswer: A\n\nQuestion: 2+2?\nA. 3\nB. 4\nAnswer:"
     assert conts == [" A", " B"]
+
+
+def test_mmlu_prompt_is_lm_evals(tok, tmp_path):
+    """format=mmlu: lm-eval's `mmlu` prompt string exactly; shots are the first k dev rows of the item's subject."""
+    shot = {"question": "  Which is a bone?\n", "subject": "college_medicine",
+            "choices": ["femur", "liver", "skin", "lung"], "answer": 0}
+    item = {"question": "Which organ filters blood?", "subject": "college_medicine",
+            "choices": ["heart", "kidney", "tooth", "hair"], "answer": 1}
+    ctx, conts = mc_prompt(item, [shot], "mmlu")
+    assert ctx == ("The following are multiple choice questions (with answers) about college medicine.\n\n"
+                   "Which is a bone?\nA. femur\nB. liver\nC. skin\nD. lung\nAnswer: A\n\n"
+                   "Which organ filters blood?\nA. heart\nB. kidney\nC. tooth\nD. hair\nAnswer:")
+    assert conts == [" A", " B", " C", " D"]
+    assert mc_prompt(item, [], "mmlu", subject="anatomy")[0].startswith("The following are multiple choice "
+                                                                         "questions (with answers) about anatomy.\n\n")
+    with pytest.raises(ValueError, match="needs the subject"):
+        mc_prompt({k: v for k, v in item.items() if k != "subject"}, [], "mmlu")
+    # shots: per subject, from the dev file, in file order; every test row is scored
+    dev = [{**shot, "subject": subj, "question": f"{subj} {i}"} for i in range(3) for subj in ("anatomy", "virology")]
+    test = [{**item, "subject": subj} for subj in ("virology", "anatomy", "virology")]
+    paths = write_jsonl(tmp_path / "test.jsonl", test), write_jsonl(tmp_path / "dev.jsonl", dev)
+    task = MultipleChoiceTask(name="mmlu", path=paths[0], fewshot_path=paths[1], k_shot=2, format="mmlu")
+    rec = eval_multiple_choice(random_model(0), tok, task, EvalConfig(), CPU)
+    assert rec["metrics"]["items"] == 3 and rec["metrics"]["acc"] == rec["metrics"]["acc_norm"]  # 1-char letters
+    ctx, _ = mc_prompt(test[0], dev[1:4:2], "mmlu")
+    assert "virology 0\n" in ctx and "virology 1\n" in ctx and "anatomy" not in ctx
+    ids = tok.encode(ctx) + tok.encode(" B")
+    assert rec["samples"][0]["logprob_sum"][1] == pytest.approx(
+        full_logit_logprob(random_model(0), ids, len(tok.encode(ctx))), rel=1e-5)
+    with pytest.raises(ValueError, match="1 few-shot rows for subject 'virology', fewer than k_shot=2"):
+        eval_multiple_choice(random_model(0), tok, MultipleChoiceTask(
+            name="m", path=paths[0], fewshot_path=write_jsonl(tmp_path / "d1.jsonl", dev[1:2]), k_shot=2,
+            format="mmlu"), EvalConfig(), CPU)
 
 
 # ---- generative -------------------------------------------------------------------------------------------------
