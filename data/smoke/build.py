@@ -63,6 +63,8 @@ class SmokeScale:
     pts: int
     eval_questions: int
     eval_mc: int
+    synth_snippets: int = 16  # code snippets with tests for the synthetic-data engine's instruction reversal
+    synth_questions: int = 16  # questions without answers for its plurality filter
 
 
 SCALES = {
@@ -248,6 +250,13 @@ def generate(out_dir: str | Path, seed: int = 0, scale: str | SmokeScale = "defa
         {"text": f"Exercise: {i['task']}\n\nSolution:\n{_code_answer(i['code'])}\n\nTests:\n"
                  f"```python\n{i['tests']}\n```", "kind": i["kind"]} for i in pool]
     long_rng = _rng(seed, "synthetic-long")
+    # Inputs of the synthetic-data engine (python -m train.synth configs/smoke/synth.yaml): code snippets with their
+    # tests for instruction reversal, and "organic" questions (no answers given) for plurality filtering.
+    files["code_snippets.jsonl"] = [{"code": i["code"], "tests": i["tests"], "kind": i["kind"]}
+                                    for i in list({_code_key(i): i for i in pool}.values())[:scale.synth_snippets]]
+    files["organic_questions.jsonl"] = [{"question": i["question"], "kind": i["kind"]} for i in
+                                        _math_items(_rng(seed, "synth-questions"), scale.synth_questions, reserved,
+                                                    unique=True)]
     files["synthetic_long.jsonl"] = [
         _workbook(long_rng, k, LONG_CHARS_PER_TOKEN * scale.synthetic_long_min_tokens, reserved)
         for k in range(scale.synthetic_long_docs)]
