@@ -13,11 +13,12 @@ from data.synth.records import Tally, record_id
 
 @dataclass
 class Context:
-    cfg: SynthConfig
+    cfg: SynthConfig  # or any config with `seed` and `sampling` (data/post/config.py)
     client: Client
     shard: int = 0
     num_shards: int = 1
     tally: Tally = field(default_factory=Tally)
+    templates: dict | None = None  # prompt templates; None = data/synth/prompts.py's
 
     @property
     def model(self) -> dict:
@@ -31,7 +32,7 @@ class Context:
     def request(self, template: str, parent: str, sample: int = 0, *, temperature: float | None = None,
                 max_tokens: int | None = None, json_output: bool = False, **fields) -> tuple[Request, str]:
         """The chat request of `template` filled with `fields`, and the template's version."""
-        version, system, user = render(template, **fields)
+        version, system, user = render(template, self.templates, **fields)
         s = self.cfg.sampling
         req = chat(user, system, temperature=s.temperature if temperature is None else temperature,
                    top_p=s.top_p, max_tokens=max_tokens or s.max_tokens,

@@ -5,7 +5,8 @@ reversal for code -> decontamination of every record -> `<output_dir>/shards/<i>
 `seeds.jsonl` (the kept seeds with their scores and locations), `manifest.json`, then the `DONE` marker. Every request
 goes through the shard's request log (`requests.jsonl`), so a rerun of a killed shard sends only what had not finished.
 
-Merge (after every shard is DONE): the records in shard order, exact and near duplicates removed across shards, into
+Merge (after every shard is DONE): the records of all shards sorted by id (so the output does not depend on the shard
+count), exact and near duplicates removed across shards (the first by id survives), into
 `<output_dir>/<name>.<dataset_type>.jsonl` (what data.prepare reads) and `<output_dir>/manifest.json`: counts per step
 (in / kept / dropped by reason), per dataset type, and per shard.
 """
@@ -183,19 +184,21 @@ def merge(cfg: SynthConfig, num_shards: int, log=print) -> dict:
     tally, shards, out = Tally(), [], Path(cfg.output_dir)
     tally.count("dedup")
     kept: dict[str, list[dict]] = {t: [] for t in DATASET_TYPES}
+    pending: dict[str, list[dict]] = {t: [] for t in DATASET_TYPES}
     for d in dirs:
         manifest = json.loads((d / "manifest.json").read_text())
         tally.merge(manifest["steps"])
         shards.append({"dir": str(d), "records": manifest["records"], "requests": manifest["requests"]})
         for t in DATASET_TYPES:
-            for line in (d / f"{t}.jsonl").read_text().splitlines():
-                r = json.loads(line)
-                kind, of = deduper.check(r["id"], r["text"])
-                if kind:
-                    tally.drop("dedup", f"{kind}_duplicate")
-                    continue
-                tally.keep("dedup")
-                kept[t].append(r)
+            pending[t] += [json.loads(line) for line in (d / f"{t}.jsonl").read_text().splitlines()]
+    for t in DATASET_TYPES:  # by id: the output (and which duplicate survives) is the same for any shard count
+        for r in sorted(pending[t], key=lambda r: r["id"]):
+            kind, of = deduper.check(r["id"], r["text"])
+            if kind:
+                tally.drop("dedup", f"{kind}_duplicate")
+                continue
+            tally.keep("dedup")
+            kept[t].append(r)
     files = {}
     for t, rows in kept.items():
         path = out / f"{cfg.name}.{t}.jsonl"

@@ -52,9 +52,10 @@ TEMPLATES: dict[str, tuple[str, str, str]] = {
 REWRITE_STYLES = ("textbook", "exercises", "discussion", "reasoning")
 
 
-def render(name: str, **fields) -> tuple[str, str, str]:
-    """(version, system, user) of template `name` filled with `fields`."""
-    if name not in TEMPLATES:
-        raise KeyError(f"no prompt template {name!r}; known: {sorted(TEMPLATES)}")
-    version, system, user = TEMPLATES[name]
+def render(name: str, templates: dict | None = None, **fields) -> tuple[str, str, str]:
+    """(version, system, user) of template `name` (of `templates`, default this module's) filled with `fields`."""
+    templates = TEMPLATES if templates is None else templates
+    if name not in templates:
+        raise KeyError(f"no prompt template {name!r}; known: {sorted(templates)}")
+    version, system, user = templates[name]
     return version, system, user.format(**fields)

@@ -12,16 +12,23 @@ from pathlib import Path
 
 from data.synth.backend import Request, Response
 from data.synth.config import SynthConfig
+from data.post.prompts import POST_TEMPLATES, SAFE_SYSTEM
 from data.synth.prompts import TEMPLATES
 
 
 def template_of(request: Request) -> str:
-    """Which prompt template a request was made from (by its system prompt)."""
+    """Which prompt template a request was made from (by its system prompt and text); "chat" for a prompt's own
+    conversation sent as is, "safe_chat" for one under the safety system prompt."""
     system = dict(request.messages).get("system", "")
-    for name, (_, sys_prompt, _) in TEMPLATES.items():
-        if sys_prompt == system:
-            return name
-    raise KeyError(f"no template has the system prompt {system[:60]!r}")
+    if system == SAFE_SYSTEM:
+        return "safe_chat"
+    user = request.messages[-1][1]
+    for templates in (TEMPLATES, POST_TEMPLATES):
+        for name, (_, sys_prompt, text) in templates.items():
+            head = text.split("{", 1)[0]
+            if sys_prompt == system and user.startswith(head):
+                return name
+    return "chat"
 
 
 def user_text(request: Request) -> str:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from data.configfile import ConfigError
 from data.prepare import PrepareConfig
+from data.synth.config import SynthConfig
+from data.synth.pipeline import DATASET_TYPES
 from train.config import REPO_ROOT, RunConfig, grad_accum_steps, load_config
 from train.eval.config import EvalConfig
 from train.plan import GIB, Hardware, plan_stage
@@ -138,6 +140,20 @@ class DryRun:
     def _smoke_data(self, stage: RecipeStage) -> None:
         self.produced.append(self.out / "data" / "raw")  # data.smoke writes every smoke input there
         self.rows.append({"name": stage.name, "kind": stage.kind})
+
+    def _synth(self, stage: RecipeStage) -> None:
+        args = self._args(stage, "train.synth")
+        cfg = load_config(args[0], args[1:], schema=SynthConfig)
+        s = cfg.seeds
+        for key, paths in (("seeds.inputs", s.inputs), ("questions.organic", cfg.questions.organic),
+                           ("reversal.inputs", cfg.reversal.inputs)):
+            for i, path in enumerate(paths):
+                self.need(stage.name, f"{key}[{i}]", path)
+        for i, b in enumerate(cfg.decontaminate.benchmarks):
+            self.need(stage.name, f"decontaminate.benchmarks[{i}] ({b.name}).path", b.path)
+        for t in DATASET_TYPES:
+            self.produced.append(_abs(cfg.output_dir) / f"{cfg.name}.{t}.jsonl")
+        self.rows.append({"name": stage.name, "kind": stage.kind, **stage_resources(self.recipe, stage)})
 
     def _prepare(self, stage: RecipeStage) -> None:
         args = self._args(stage, "data.prepare")

@@ -34,7 +34,36 @@ def train_stage_summary(run_dir: Path) -> dict:
         "held_out_by_source": held_out,
         "curve": [(r["step"], r["loss"], r.get("lr")) for r in steps],
         "extra": {k: v for k, v in (steps[-1] if steps else {}).items() if k.startswith("dpo/")},
+        # SFT/DPO mixtures (data/post_batches.py): the last drawn share per source, and the DPO share warning
+        "shares": {k.removeprefix("data/share/"): v for k, v in (steps[-1] if steps else {}).items()
+                   if k.startswith("data/share/")},
+        "safety_share": (steps[-1].get("data/safety_share") if steps else None),
+        "safety_share_warning": bool(steps and steps[-1].get("data/safety_share_outside_paper_range")),
     }
+
+
+def synth_stage_summary(out: Path, stage) -> dict:
+    """Counts of a synth stage from its merged manifest: kept/in per step, records per dataset type."""
+    import os
+
+    from data.synth.config import load_synth_config
+    from train.config import REPO_ROOT
+
+    before = os.environ.get("PHI4_RECIPE_DIR")
+    os.environ["PHI4_RECIPE_DIR"] = str(out)  # the stage config's paths, as the runner resolved them
+    try:
+        cfg = load_synth_config(REPO_ROOT / stage.config, stage.overrides)
+    finally:
+        if before is None:
+            os.environ.pop("PHI4_RECIPE_DIR")
+        else:
+            os.environ["PHI4_RECIPE_DIR"] = before
+    path = Path(cfg.output_dir) / "manifest.json"
+    if not path.is_file():
+        return {}
+    m = json.loads(path.read_text())
+    return {"manifest": str(path), "records": {t: f["records"] for t, f in m["dataset_types"].items()},
+            "steps": {k: f"{e['kept']}/{e['in']}" for k, e in m["steps"].items()}}
 
 
 def plot_curve(name: str, curve: list, path: Path) -> None:
@@ -96,6 +125,8 @@ def write_summary(out: Path, recipe, results: list[dict]) -> dict:
                 entry["modelfile"] = str(gguf.parent / "Modelfile")  # written beside it by train.export.gguf
         elif stage.kind == "eval":
             entry["scores"] = _eval_scores(d)
+        elif stage.kind == "synth":
+            entry["synth"] = synth_stage_summary(out, stage)
         elif stage.kind == "pts":
             summ = d / "pairs.summary.json"
             entry["pts"] = json.loads(summ.read_text()) if summ.is_file() else {}
@@ -109,8 +140,17 @@ def write_summary(out: Path, recipe, results: list[dict]) -> dict:
             details.append(f"GGUF {entry['gguf']} (llama.cpp; Ollama: `ollama create NAME -f {entry['modelfile']}`)")
         if entry.get("pts"):
             details.append(", ".join(f"{k} {v}" for k, v in entry["pts"].items() if isinstance(v, (int, float))))
+        if entry.get("synth"):
+            syn = entry["synth"]
+            details.append("records " + ", ".join(f"{k} {v}" for k, v in syn["records"].items()) + "; kept/in "
+                           + ", ".join(f"{k} {v}" for k, v in syn["steps"].items()))
         if entry.get("extra"):
             details.append(", ".join(f"{k} {_fmt(v, 3)}" for k, v in entry["extra"].items()))
+        if entry.get("shares"):
+            details.append("drawn shares " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in entry["shares"].items()))
+        if entry.get("safety_share_warning"):
+            details.append(f"WARNING: safety + hallucination share {100 * entry['safety_share']:.3g}% is outside "
+                           "the Phi-4 report's 1-5% per DPO round (Table 9 caption)")
         rows.append(f"| {stage.name} | {stage.kind} | {_fmt(entry.get('steps'))} | {_fmt(entry.get('tokens'))} | "
                     f"{_fmt(entry.get('first_loss'))} -> {_fmt(entry.get('final_loss'))} | "
                     f"{_fmt(entry.get('held_out_loss'))} | {_fmt(entry.get('seconds'), 3)} | {'; '.join(details)} |")

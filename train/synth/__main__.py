@@ -12,24 +12,14 @@ import sys
 
 from data.configfile import ConfigError
 from data.fileio import JsonlError
-from data.synth.backend import OpenAIBackend, ServerUnavailable, VLLMOfflineBackend
+from data.synth.backend import ServerUnavailable
 from data.synth.config import SynthConfig, load_synth_config
 from data.synth.pipeline import merge, run_shard
-
-
-def make_backend(cfg: SynthConfig):
-    b = cfg.backend
-    if b.kind == "openai":
-        return OpenAIBackend(b.openai)
-    if b.kind == "vllm":
-        return VLLMOfflineBackend(b.vllm)
-    from train.synth.inprocess import InProcessBackend
-
-    return InProcessBackend(b.inprocess)
+from train.synth.backends import make_backend
 
 
 async def _generate(cfg: SynthConfig, shard: int, num_shards: int) -> dict:
-    backend = make_backend(cfg)
+    backend = make_backend(cfg.backend)
     try:
         return await run_shard(cfg, backend, shard, num_shards)
     finally:

@@ -62,12 +62,26 @@ def test_export_loads_in_transformers_with_the_checkpoints_logits(smoke_run):
 def test_summary_plots_and_evals_before_and_after(smoke_run):
     out, proc = smoke_run
     summary = json.loads((out / "summary.json").read_text())
-    assert [s["name"] for s in summary["stages"]][:3] == ["data", "prepare", "pretrain"]
+    assert [s["name"] for s in summary["stages"]][:4] == ["data", "synth", "prepare", "pretrain"]
     assert (out / "summary.md").read_text().count("| train |") == len(TRAIN_STAGES)
     for stage in TRAIN_STAGES:
         assert (out / "plots" / f"{stage}.png").stat().st_size > 1000
     by_name = {s["name"]: s for s in summary["stages"]}
     assert by_name["eval_base"]["scores"] and by_name["eval_final"]["scores"]
+
+
+def test_synth_stage_feeds_the_pretraining_mixture(smoke_run):
+    """The synthetic-data engine ran on our own model (in process), and its web rewrites are a pretraining source."""
+    out, _ = smoke_run
+    by_name = {s["name"]: s for s in json.loads((out / "summary.json").read_text())["stages"]}
+    synth = by_name["synth"]["synth"]
+    made = synth["records"]["web_rewrite"]
+    assert made > 0 and {"seeds", "rewrite", "revision", "plurality_organic", "reversal", "dedup"} <= set(synth["steps"])
+    manifest = json.loads((out / "data" / "synth" / "manifest.json").read_text())
+    for step, e in manifest["steps"].items():
+        assert e["in"] == e["kept"] + sum(e["dropped"].values()), step
+    shards = json.loads((out / "data" / "shards" / "web_rewrites" / "manifest.json").read_text())
+    assert shards["num_docs"] == made and "web_rewrites" in (out / "pretrain" / "stage.log").read_text()
 
 
 def test_rerun_skips_completed_stages(smoke_run):
