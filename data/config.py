@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PROVENANCES = ("synthetic", "organic")
+POST_ROLES = ("main", "safety", "hallucination")  # safety + hallucination: the share Phi-4 keeps at 1-5% per DPO round
+POST_WEIGHT_UNITS = ("examples", "tokens")
 
 
 @dataclass
@@ -22,12 +24,27 @@ class SourceConfig:
 
 
 @dataclass
+class PostSourceConfig:
+    """One jsonl source of an SFT (conversations) or DPO (preference pairs) mixture (data/post_mixture.py)."""
+    name: str = ""
+    path: str = ""  # jsonl file
+    weight: float = 0.0  # fraction of the stage's examples, or of its training tokens (data.post_weight_unit)
+    role: str = "main"  # main | safety | hallucination (what counts towards the paper's 1-5% DPO share)
+
+
+@dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     total_tokens: int = 0  # the stage's training tokens; in a run it is derived from the train section
     seed: int = 1234
     held_out_fraction: float = 0.0  # documents per source kept out of training for held-out loss
     # Post-training inputs (jsonl): conversations for SFT, preference pairs for DPO.
+    # One file each (a single source of weight 1), or weighted sources: `sft_sources` / `dpo_sources` (not both).
     sft_path: str = ""
     dpo_path: str = ""
+    sft_sources: list[PostSourceConfig] = field(default_factory=list)
+    dpo_sources: list[PostSourceConfig] = field(default_factory=list)
+    # Post-training weights count examples (conversations / pairs) or training tokens (SFT: labelled assistant
+    # tokens; DPO: completion tokens of both sides).
+    post_weight_unit: str = "examples"
     pack: bool = True  # SFT: pack several conversations per sequence (with document masking)

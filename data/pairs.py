@@ -169,20 +169,7 @@ class PairBatches:
 
     def pairs_batch(self, pair_ids) -> dict:
         """Packed rows for these pairs, with `seq_slot`, `pair_ids` and `num_pairs` (see the module docstring)."""
-        segments = []
-        for i in pair_ids:
-            prompt, chosen, rejected = self.sequences(int(i))
-            for side in (chosen, rejected):
-                ids = np.concatenate([prompt, side])
-                target = np.zeros(len(ids), dtype=bool)
-                target[len(prompt):] = True
-                segments.append(segment_arrays(ids, target))
-        rows = best_fit_rows(np.array([len(s[0]) for s in segments]), self.seq_len)
-        batch, seg = pack_segments(segments, rows, self.seq_len, trim_to=ROW_MULTIPLE)
-        batch["seq_slot"] = torch.from_numpy(np.where(batch["labels"].numpy() != IGNORE_INDEX, seg, -1))
-        batch["pair_ids"] = torch.as_tensor(np.asarray(pair_ids, dtype=np.int64))
-        batch["num_pairs"] = len(pair_ids)
-        return batch
+        return pack_pairs([self.sequences(int(i)) for i in pair_ids], pair_ids, self.seq_len)
 
     # ---- the global order of pairs ---------------------------------------------------------------------
     def pair_at(self, i: int) -> int:
@@ -221,6 +208,23 @@ class PairBatches:
             first = (j * W + self.rank) * b
             out.append(self.pairs_batch(self.held_ids[first:first + b].tolist()))
         return {"dpo": out} if out else {}
+
+
+def pack_pairs(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pair_ids, seq_len: int) -> dict:
+    """A batch of (prompt, chosen, rejected) pairs packed best-fit into rows; `pair_ids` index the reference cache."""
+    segments = []
+    for prompt, chosen, rejected in pairs:
+        for side in (chosen, rejected):
+            ids = np.concatenate([prompt, side])
+            target = np.zeros(len(ids), dtype=bool)
+            target[len(prompt):] = True
+            segments.append(segment_arrays(ids, target))
+    rows = best_fit_rows(np.array([len(s[0]) for s in segments]), seq_len)
+    batch, seg = pack_segments(segments, rows, seq_len, trim_to=ROW_MULTIPLE)
+    batch["seq_slot"] = torch.from_numpy(np.where(batch["labels"].numpy() != IGNORE_INDEX, seg, -1))
+    batch["pair_ids"] = torch.as_tensor(np.asarray(pair_ids, dtype=np.int64))
+    batch["num_pairs"] = len(pair_ids)
+    return batch
 
 
 def _template_fingerprint() -> str:

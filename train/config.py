@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from data.config import PROVENANCES, DataConfig
 from data.configfile import ConfigError, load_typed, read_yaml
 from data.fileio import atomic_write
+from data.post_mixture import check_post_config
 from model.config import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -160,6 +161,7 @@ def finalize(cfg: RunConfig, where: str = "<config>") -> RunConfig:
     _choice(cfg.dpo.loss, ("sigmoid", "ipo", "ipo_sum"), "dpo.loss", where)
     for src in cfg.data.sources:
         _choice(src.provenance, PROVENANCES, f"data.sources[{src.name}].provenance", where)
+    check_post_config(cfg.data, where)  # data.sft_sources / dpo_sources / post_weight_unit
     try:
         cfg.model.validate()
     except ValueError as e:

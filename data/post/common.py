@@ -79,7 +79,7 @@ def conversation_text(messages: list[dict]) -> str:
 
 async def judge_all(roles: Roles, items: list[tuple[str, list[dict], str]]) -> list[Verdict | None]:
     """The judge's verdict on each (parent id, conversation, response); None when it did not answer the rubric."""
-    reqs = [roles.judge.request("judge", f"{pid}:{text_sha256(resp)[:16]}", 0, temperature=0.0, max_tokens=512,
+    reqs = [roles.judge.request("judge", f"{pid}:{text_sha256(resp)[:16]}", 0, temperature=0.0, max_tokens=roles.cfg.judge_max_tokens,
                                 json_output=True, conversation=conversation_text(msgs), response=resp)[0]
             for pid, msgs, resp in items]
     answers = await roles.judge.client.run(reqs)

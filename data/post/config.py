@@ -57,9 +57,10 @@ class SafetyConfig:
 @dataclass
 class PostDataConfig:
     output_dir: str = ""
+    make: list[str] = field(default_factory=lambda: ["sft", "dpo"])  # which files: what SFT reads, what DPO reads
     seed: int = 0
     sampling: Sampling = field(default_factory=Sampling)
-    tokenizer_ids: bool = True  # id-form DPO pairs (hallucination) are tokenised with the Phi-4 tokenizer
+    judge_max_tokens: int = 512  # of a judge's reply: the faults list, then the scores
     generator: BackendConfig = field(default_factory=BackendConfig)
     judge: BackendConfig = field(default_factory=lambda: BackendConfig(kind=""))  # kind "" = the generator
     policy: BackendConfig = field(default_factory=lambda: BackendConfig(kind=""))
@@ -75,6 +76,8 @@ class PostDataConfig:
     def validate(self) -> None:
         if not self.output_dir:
             raise ConfigError("output_dir is required")
+        if not self.make or set(self.make) - {"sft", "dpo"}:
+            raise ConfigError(f"make={self.make}; expected a non-empty list of sft, dpo")
         for name in ROLES:
             b = getattr(self, name)
             if b.kind == "" and name == "generator":

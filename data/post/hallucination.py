@@ -57,7 +57,7 @@ async def _correctness(roles: Roles, items: list[dict], texts: list[list[str]]) 
     """Per item, whether each policy answer matches the key: all items' checks go to the judge together."""
     if roles.cfg.hallucination.checker == "rule":
         return [[rule_match(t, it["answer"]) for t in ts] for it, ts in zip(items, texts)]
-    reqs = [roles.judge.request("answer_check", f"{it['id']}:{n}", 0, temperature=0.0, max_tokens=64,
+    reqs = [roles.judge.request("answer_check", f"{it['id']}:{n}", 0, temperature=0.0, max_tokens=roles.cfg.judge_max_tokens,
                                 json_output=True, question=it["question"], answer=it["answer"], response=t)[0]
             for it, ts in zip(items, texts) for n, t in enumerate(ts)]
     answers = iter(await roles.judge.client.run(reqs))

@@ -22,6 +22,18 @@ from data.post.safety import safety_data
 from data.synth.client import Client, RequestLog
 
 
+def post_outputs(cfg: PostDataConfig) -> list[str]:
+    """The files a run of `cfg` writes (the recipe's dry run checks later stages' inputs against them)."""
+    names = []
+    if "sft" in cfg.make:
+        names += ["sft.judged.jsonl"] * cfg.sft.enabled + ["sft.hallucination.jsonl"] * cfg.hallucination.enabled \
+            + ["sft.safety.jsonl"] * cfg.safety.enabled
+    if "dpo" in cfg.make:
+        names += ["dpo.judge_pairs.jsonl"] * cfg.judge_pairs.enabled + \
+            ["dpo.hallucination.jsonl"] * cfg.hallucination.enabled + ["dpo.safety.jsonl"] * cfg.safety.enabled
+    return names
+
+
 def _write(path: Path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         for r in rows:

@@ -31,7 +31,7 @@ async def safety_prompts(roles: Roles) -> list[dict]:
 
 
 async def _safety_scores(roles: Roles, items: list[tuple[str, str, str]]) -> list[int | None]:
-    reqs = [roles.judge.request("safety_judge", f"{pid}:{side}", 0, temperature=0.0, max_tokens=64,
+    reqs = [roles.judge.request("safety_judge", f"{pid}:{side}", 0, temperature=0.0, max_tokens=roles.cfg.judge_max_tokens,
                                 json_output=True, prompt=prompt, response=resp)[0]
             for pid, side, prompt, resp in items]
     out = []

@@ -76,7 +76,7 @@ def test_sft_data_error_under_python_m_train_exits_2_with_file_and_line(tmp_path
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}])
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "train", "configs/smoke/sft.yaml", f"data.sft_path={bad}", "train.init_from=",
+        [sys.executable, "-m", "train", "configs/smoke/sft.yaml", "data.sft_sources=[]", f"data.sft_path={bad}", "train.init_from=",
          f"output_dir={run_dir}", "logging.wandb.mode=disabled", "train.max_steps=1"],  # accepted: 1 step, not 120
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})

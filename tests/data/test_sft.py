@@ -200,22 +200,24 @@ def test_shipped_sft_configs_load():
     smoke = load_config("configs/smoke/sft.yaml")
     assert smoke.stage == "sft" and smoke.model.n_layers == 2
     if "PHI4_RECIPE_DIR" not in os.environ:
-        assert smoke.data.sft_path == "runs/smoke/data/raw/sft.jsonl" and smoke.train.init_from == "runs/smoke/midtrain"
+        assert smoke.data.sft_sources[0].path == "runs/smoke/data/raw/sft.jsonl"
+        assert smoke.train.init_from == "runs/smoke/midtrain"
+    assert [s.role for s in smoke.data.sft_sources] == ["main", "hallucination", "safety"]
 
 
 def test_stage_checks_fail_before_compute(tmp_path):
     from train.stages.build import validate
 
     data = write_chats(tmp_path / "c.jsonl", [conversation(1)])
-    ok = load_config("configs/smoke/sft.yaml", [f"data.sft_path={data}", "train.init_from=''"])
+    ok = load_config("configs/smoke/sft.yaml", ["data.sft_sources=[]", f"data.sft_path={data}", "train.init_from=''"])
     validate(ok)
     for overrides, expected in ((["data.sft_path=nope.jsonl"], "data.sft_path"),
                                 (["model.doc_masking=false"], "doc_masking"),
                                 ([f"train.init_from={tmp_path / 'missing'}"], "does not exist")):
-        cfg = load_config("configs/smoke/sft.yaml", [f"data.sft_path={data}", "train.init_from=''", *overrides])
+        cfg = load_config("configs/smoke/sft.yaml", ["data.sft_sources=[]", f"data.sft_path={data}", "train.init_from=''", *overrides])
         with pytest.raises(ConfigError, match=expected):
             validate(cfg)
-    unpacked = load_config("configs/smoke/sft.yaml", [f"data.sft_path={data}", "train.init_from=''",
+    unpacked = load_config("configs/smoke/sft.yaml", ["data.sft_sources=[]", f"data.sft_path={data}", "train.init_from=''",
                                                        "model.doc_masking=false", "data.pack=false"])
     validate(unpacked)  # one conversation per row needs no document masking
 
@@ -227,7 +229,7 @@ def test_sft_run_learns_and_evaluates(tmp_path):
 
     generate(tmp_path / "raw", seed=0, scale="small")
     run_dir = tmp_path / "sft"
-    overrides = [f"data.sft_path={tmp_path / 'raw' / 'sft.jsonl'}", "train.init_from=''", f"output_dir={run_dir}",
+    overrides = ["data.sft_sources=[]", f"data.sft_path={tmp_path / 'raw' / 'sft.jsonl'}", "train.init_from=''", f"output_dir={run_dir}",
                  *as_overrides(TINY), "train.seq_len=256",
                  "train.global_batch=4", "train.micro_batch=1", "train.max_steps=6", "train.save_every=3",
                  "train.eval_every=3",

@@ -18,6 +18,7 @@ def schema_for(path: Path):
     from data.config import DataConfig
     from data.decontaminate import DecontaminateConfig
     from data.prepare import PrepareConfig
+    from data.post.config import PostDataConfig
     from data.synth.config import SynthConfig
     from model.config import ModelConfig
     from train.eval.config import EvalConfig
@@ -33,6 +34,8 @@ def schema_for(path: Path):
         return DecontaminateConfig if rel.name.startswith("decontaminate") else DataConfig
     if "synth" in rel.parts[:-1] or rel.name == "synth.yaml":
         return SynthConfig
+    if rel.name.startswith("post_"):
+        return PostDataConfig
     by_name = {"prepare.yaml": PrepareConfig, "pts.yaml": PTSConfig, "eval.yaml": EvalConfig}
     return by_name.get(rel.name, RunConfig)
 

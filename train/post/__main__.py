@@ -1,9 +1,10 @@
-"""python -m train.post CONFIG [key=value ...] [--make sft|dpo|sft,dpo]
+"""python -m train.post CONFIG [key=value ...] [policy_model=DIR]
 
 The post-training data builders (data/post/run.py): judged SFT responses, judge-guided DPO pairs, refusal-to-
-hallucinate SFT examples and 5-token DPO pairs, safety SFT examples and pairs. `--make sft` writes only what SFT reads
-(run it before SFT, the policy being the base model), `--make dpo` only the DPO files (after SFT, the policy being the
-SFT model: `policy_model=<checkpoint or HF dir>` sets an in-process policy's weights). Exit 2: a config or input
+hallucinate SFT examples and 5-token DPO pairs, safety SFT examples and pairs. `make: [sft]` writes only what SFT
+reads (run it before SFT, the policy being the base model), `make: [dpo]` only the DPO files (after SFT, the policy
+being the SFT model). `policy_model=<checkpoint or HF dir>` (the recipe passes its previous training stage) sets an
+in-process policy's weights; a served policy is yours to point at that checkpoint. Exit 2: a config or input
 problem; exit 3: a server did not answer (finished requests are kept in requests.<role>.jsonl)."""
 from __future__ import annotations
 
@@ -40,26 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    make, rest = ("sft", "dpo"), []
-    it = iter(argv[1:])
+    rest = argv[1:]
     try:
-        for a in it:
-            if a == "--make":
-                make = tuple(x for x in (next(it, "") or "").split(",") if x)
-                if not make or set(make) - {"sft", "dpo"}:
-                    raise ConfigError(f"--make {','.join(make)}: expected sft, dpo or sft,dpo")
-            else:
-                rest.append(a)
         policy_model = [a for a in rest if a.startswith("policy_model=")]
         rest = [a for a in rest if not a.startswith("policy_model=")]
         cfg = load_post_config(argv[0], rest)
         if policy_model:
             value = policy_model[-1].split("=", 1)[1]
-            if cfg.policy.kind != "inprocess":
-                raise ConfigError(f"policy_model={value}: the policy role is {cfg.policy.kind or 'the generator'}, "
-                                  "not inprocess; point policy.openai at a server serving that model instead")
-            cfg.policy.inprocess.model = value
-        asyncio.run(_run(cfg, make))
+            if cfg.policy.kind == "inprocess":
+                cfg.policy.inprocess.model = value
+            else:
+                print(f"[post] policy_model={value} not used: the policy is {cfg.policy.kind or 'the generator'}; "
+                      "serve that checkpoint where policy.openai.base_url points")
+        asyncio.run(_run(cfg, tuple(cfg.make)))
         return 0
     except (ConfigError, JsonlError, FileNotFoundError, ValueError) as e:
         print(f"train.post: {e}", file=sys.stderr)

@@ -29,6 +29,9 @@ from pathlib import Path
 
 from data.configfile import ConfigError
 from data.prepare import PrepareConfig
+from data.post.config import PostDataConfig
+from data.post.run import post_outputs
+from data.post_mixture import dpo_share_warning
 from data.synth.config import SynthConfig
 from data.synth.pipeline import DATASET_TYPES
 from train.config import REPO_ROOT, RunConfig, grad_accum_steps, load_config
@@ -155,6 +158,21 @@ class DryRun:
             self.produced.append(_abs(cfg.output_dir) / f"{cfg.name}.{t}.jsonl")
         self.rows.append({"name": stage.name, "kind": stage.kind, **stage_resources(self.recipe, stage)})
 
+    def _post(self, stage: RecipeStage) -> None:
+        args = [a for a in self._args(stage, "train.post") if not a.startswith("policy_model=")]
+        cfg = load_config(args[0], args[1:], schema=PostDataConfig)
+        inputs = {"sft": [("sft.prompts", cfg.sft.prompts, cfg.sft.enabled)],
+                  "dpo": [("judge_pairs.prompts", cfg.judge_pairs.prompts, cfg.judge_pairs.enabled)]}
+        common = [("hallucination.questions", cfg.hallucination.questions, cfg.hallucination.enabled),
+                  ("safety.prompts", cfg.safety.prompts, cfg.safety.enabled)]
+        for make in cfg.make:
+            for key, paths, enabled in inputs[make] + common:
+                for i, path in enumerate(paths if enabled else []):
+                    self.need(stage.name, f"{key}[{i}]", path)
+        for name in post_outputs(cfg):
+            self.produced.append(_abs(cfg.output_dir) / name)
+        self.rows.append({"name": stage.name, "kind": stage.kind, **stage_resources(self.recipe, stage)})
+
     def _prepare(self, stage: RecipeStage) -> None:
         args = self._args(stage, "data.prepare")
         cfg = load_config(args[0], args[1:], schema=PrepareConfig)
@@ -174,8 +192,15 @@ class DryRun:
             for i, src in enumerate(d.sources):
                 self.need(n, f"data.sources[{i}] ({src.name}).path", src.path, wired=True)
         else:
-            key = "sft_path" if cfg.stage == "sft" else "dpo_path"
-            self.need(n, f"data.{key}", getattr(d, key))
+            kind = "sft" if cfg.stage == "sft" else "dpo"
+            if getattr(d, f"{kind}_sources"):
+                for i, src in enumerate(d.sft_sources if kind == "sft" else d.dpo_sources):
+                    self.need(n, f"data.{kind}_sources[{i}] ({src.name}).path", src.path)
+            else:
+                self.need(n, f"data.{kind}_path", getattr(d, f"{kind}_path"))
+            warning = dpo_share_warning(d) if kind == "dpo" else None
+            if warning:
+                self.notes.append(f"{n}: {warning}")
         if t.init_from and not self.train_cfgs:  # later stages are wired to the previous one by the runner
             self.need(n, "train.init_from", t.init_from)
         if t.eval_config:

@@ -26,7 +26,7 @@ from pathlib import Path
 from data.fileio import atomic_write
 from train.config import REPO_ROOT, ConfigError
 
-KINDS = ("smoke_data", "synth", "prepare", "train", "pts", "export", "eval")
+KINDS = ("smoke_data", "synth", "post", "prepare", "train", "pts", "export", "eval")
 # Slurm's --time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]
 SLURM_TIME = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2})$")
 
@@ -34,11 +34,11 @@ SLURM_TIME = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2})$")
 @dataclass
 class RecipeStage:
     name: str = ""
-    kind: str = "train"  # smoke_data | synth | prepare | train | pts | export | eval
+    kind: str = "train"  # smoke_data | synth | post | prepare | train | pts | export | eval
     config: str = ""  # the stage's own config file (not for smoke_data / export)
     overrides: list[str] = field(default_factory=list)
     nproc: int = 0  # processes for a train stage; 0 = the recipe's nproc
-    model_from: str = ""  # pts / export / eval: the stage whose model to use; default: the last train stage
+    model_from: str = ""  # post / pts / export / eval: the stage whose model to use; default: the last train stage
     gguf: str = ""  # export: also write a GGUF of this type (f32 | f16 | bf16 | q8_0) for llama.cpp / Ollama; "" = none
     # Resources of the stage's Slurm job (slurm/submit_recipe.sh) and its world size in the dry run; 0 / "" = the
     # recipe's value. Only train stages run on several nodes; the others are one task on one node.
@@ -72,7 +72,7 @@ class Recipe:
         for i, s in enumerate(self.stages):
             if s.kind not in KINDS:
                 raise ConfigError(f"stages[{i}] ({s.name}).kind={s.kind!r}; expected one of {list(KINDS)}")
-            if s.kind in ("synth", "prepare", "train", "pts", "eval") and not s.config:
+            if s.kind in ("synth", "post", "prepare", "train", "pts", "eval") and not s.config:
                 raise ConfigError(f"stages[{i}] ({s.name}) of kind {s.kind} needs a config")
             if s.config and not (REPO_ROOT / s.config).is_file() and not Path(s.config).is_file():
                 raise ConfigError(f"stages[{i}] ({s.name}).config={s.config!r} does not exist")
@@ -177,6 +177,9 @@ class RecipeRunner:
             return [py, "-m", "data.smoke", str(self.out / "data" / "raw"), "--seed", str(self.recipe.seed)]
         if stage.kind == "synth":  # one process here; on Slurm, slurm/submit_synth.sh runs it as an array + merge
             return [py, "-m", "train.synth", stage.config, *extra]
+        if stage.kind == "post":  # post-training data; the policy is the previous training stage's model
+            policy = [f"policy_model={self._model_dir(stage)}"] if self.last_train or stage.model_from else []
+            return [py, "-m", "train.post", stage.config, *policy, *extra]
         if stage.kind == "prepare":
             return [py, "-m", "data.prepare", stage.config, *extra]
         if stage.kind == "train":

@@ -42,23 +42,40 @@ def train_stage_summary(run_dir: Path) -> dict:
     }
 
 
-def synth_stage_summary(out: Path, stage) -> dict:
-    """Counts of a synth stage from its merged manifest: kept/in per step, records per dataset type."""
+def _stage_config(out: Path, stage, load):
+    """A stage's config with its paths resolved as the runner resolved them (PHI4_RECIPE_DIR = the recipe's dir)."""
     import os
 
-    from data.synth.config import load_synth_config
     from train.config import REPO_ROOT
 
     before = os.environ.get("PHI4_RECIPE_DIR")
-    os.environ["PHI4_RECIPE_DIR"] = str(out)  # the stage config's paths, as the runner resolved them
+    os.environ["PHI4_RECIPE_DIR"] = str(out)
     try:
-        cfg = load_synth_config(REPO_ROOT / stage.config, stage.overrides)
+        return load(REPO_ROOT / stage.config, [o for o in stage.overrides if "=" in o])
     finally:
         if before is None:
             os.environ.pop("PHI4_RECIPE_DIR")
         else:
             os.environ["PHI4_RECIPE_DIR"] = before
-    path = Path(cfg.output_dir) / "manifest.json"
+
+
+def post_stage_summary(out: Path, stage) -> dict:
+    """Counts of a post-training data stage: records per file, kept/in per builder."""
+    from data.post.config import load_post_config
+
+    path = Path(_stage_config(out, stage, load_post_config).output_dir) / "manifest.json"
+    if not path.is_file():
+        return {}
+    m = json.loads(path.read_text())
+    return {"manifest": str(path), "files": m["files"],
+            "steps": {k: f"{e['kept']}/{e['in']}" for k, e in m["steps"].items()}}
+
+
+def synth_stage_summary(out: Path, stage) -> dict:
+    """Counts of a synth stage from its merged manifest: kept/in per step, records per dataset type."""
+    from data.synth.config import load_synth_config
+
+    path = Path(_stage_config(out, stage, load_synth_config).output_dir) / "manifest.json"
     if not path.is_file():
         return {}
     m = json.loads(path.read_text())
@@ -127,6 +144,8 @@ def write_summary(out: Path, recipe, results: list[dict]) -> dict:
             entry["scores"] = _eval_scores(d)
         elif stage.kind == "synth":
             entry["synth"] = synth_stage_summary(out, stage)
+        elif stage.kind == "post":
+            entry["post"] = post_stage_summary(out, stage)
         elif stage.kind == "pts":
             summ = d / "pairs.summary.json"
             entry["pts"] = json.loads(summ.read_text()) if summ.is_file() else {}
@@ -140,6 +159,9 @@ def write_summary(out: Path, recipe, results: list[dict]) -> dict:
             details.append(f"GGUF {entry['gguf']} (llama.cpp; Ollama: `ollama create NAME -f {entry['modelfile']}`)")
         if entry.get("pts"):
             details.append(", ".join(f"{k} {v}" for k, v in entry["pts"].items() if isinstance(v, (int, float))))
+        if entry.get("post"):
+            details.append("files " + ", ".join(f"{k} {v}" for k, v in entry["post"]["files"].items()) + "; kept/in "
+                           + ", ".join(f"{k} {v}" for k, v in entry["post"]["steps"].items()))
         if entry.get("synth"):
             syn = entry["synth"]
             details.append("records " + ", ".join(f"{k} {v}" for k, v in syn["records"].items()) + "; kept/in "

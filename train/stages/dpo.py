@@ -6,20 +6,33 @@ The stage object owns the reference log-probs: `before_training` loads or builds
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
+from data.post_mixture import dpo_share_warning, safety_share
 from train.config import ConfigError, RunConfig
 from train.stages.dpo_loss import completion_lengths, preference_loss, sequence_logps
 from train.stages.ref_cache import RefCacheError, prepare_reference
-from train.stages.sft import has_records
+from train.stages.sft import check_post_files
+
+log = logging.getLogger(__name__)
 
 
 class DPOStage:
     def __init__(self, cfg: RunConfig, batches):
         self.cfg, self.batches = cfg, batches
         self.ref_logps: torch.Tensor | None = None  # (num_pairs, 2) float64, set by before_training
+        # A declared mixture's safety + hallucination share, warned about outside the paper's 1-5% (Table 9 caption)
+        # and logged with every step so that the metrics and the recipe summary carry it.
+        self.share_metrics = {}
+        if cfg.data.dpo_sources:
+            warning = dpo_share_warning(cfg.data)
+            if warning:
+                log.warning("%s", warning)
+            self.share_metrics = {"data/safety_share": safety_share(cfg.data.dpo_sources),
+                                  "data/safety_share_outside_paper_range": float(warning is not None)}
 
     def before_training(self, engine, dist_state, resumed: bool, should_stop) -> None:
         """The reference log-probs: the engine holds exactly the starting weights now (unless resumed)."""
@@ -43,15 +56,11 @@ class DPOStage:
 
     def step_metrics(self, sums: dict, n_units: float) -> dict:
         """Per-pair means of the summed stats over the global batch, e.g. dpo/rewards_accuracy."""
-        return {f"dpo/{k}": v / max(n_units, 1.0) for k, v in sums.items()}
+        return {**{f"dpo/{k}": v / max(n_units, 1.0) for k, v in sums.items()}, **self.share_metrics}
 
 
 def validate(cfg: RunConfig) -> None:
-    if not cfg.data.dpo_path or not Path(cfg.data.dpo_path).is_file():
-        raise ConfigError(f"stage=dpo: data.dpo_path={cfg.data.dpo_path!r} is not a file (jsonl of pairs)")
-    if not has_records(cfg.data.dpo_path):
-        raise ConfigError(f"stage=dpo: data.dpo_path={cfg.data.dpo_path!r} holds no preference pair (did the "
-                          "Pivotal Token Search find none?)")
+    check_post_files(cfg, "dpo", "preference pair")
     if not cfg.train.init_from:
         raise ConfigError("stage=dpo needs train.init_from: the starting checkpoint is also the reference model")
     if not cfg.model.doc_masking:
@@ -61,9 +70,9 @@ def validate(cfg: RunConfig) -> None:
 
 
 def build(cfg: RunConfig, rank: int, world_size: int) -> DPOStage:
-    from data.pairs import PairBatches
+    """PairBatches for data.dpo_path (or one source), a weighted PairMixture (global pair ids) for data.dpo_sources."""
+    from data.post_batches import dpo_batches
 
-    return DPOStage(cfg, PairBatches(cfg.data.dpo_path, seq_len=cfg.train.seq_len, micro_batch=cfg.train.micro_batch,
+    return DPOStage(cfg, dpo_batches(cfg.data, seq_len=cfg.train.seq_len, micro_batch=cfg.train.micro_batch,
                                      global_batch=cfg.train.global_batch, rank=rank, world_size=world_size,
-                                     seed=cfg.data.seed, held_out_fraction=cfg.data.held_out_fraction,
                                      token_cache=Path(cfg.output_dir) / "dpo_tokens"))

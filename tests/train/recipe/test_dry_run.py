@@ -39,13 +39,26 @@ def test_shipped_14b_recipe_passes_and_plans_every_stage(capsys):
     assert "midtrain: rope_theta 10000 -> 250000, max_seq_len 4,096 -> 16,384" in out
     assert "export: a 16,384-token model" in out
     # the datasets a user brings are listed, not failed; nothing the chain makes itself is among them
-    assert "dpo: data.dpo_path: supplied by you: data/post/judge_pairs.jsonl (not found)" in out
-    assert "pts/pairs.jsonl" not in out and "data/phi4/shards" not in out
+    assert "post_dpo: judge_pairs.prompts[0]: supplied by you: data/post/prompts/dpo (not found)" in out
+    for made in ("pts/pairs.jsonl", "data/phi4/shards", "post_sft/sft.", "post_dpo/dpo."):
+        assert made not in out, made  # the post stages write what SFT and both DPO rounds read
 
 
 def test_strict_fails_on_datasets_you_supply(capsys):
     rc, out = _dry_run(capsys, RECIPE_14B, "--strict")
-    assert rc == 2 and "problem: sft: data.sft_path: supplied by you: data/post/sft.jsonl" in out, out
+    assert rc == 2 and "problem: post_sft: sft.prompts[0]: supplied by you: data/post/prompts/sft" in out, out
+
+
+def test_dpo_without_the_stage_that_makes_its_pairs_is_caught(tmp_path, capsys):
+    raw = yaml.safe_load(RECIPE_14B.read_text())
+    raw["output_dir"] = str(tmp_path / "run")
+    raw["stages"] = [s for s in raw["stages"] if s["name"] != "post_dpo"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rc, out = _dry_run(capsys, str(path))
+    assert rc == 2, out
+    assert "problem: dpo_pts: data.dpo_sources[1] (hallucination).path" in out
+    assert "problem: dpo: data.dpo_sources[0] (judge_pairs).path" in out and "no earlier stage produces it" in out
 
 
 def test_smoke_recipe_passes(capsys):
@@ -94,6 +107,6 @@ def test_command_line_dry_run(tmp_path):
 
 def test_bad_resources_are_config_errors(tmp_path, capsys):
     rc = main([_broken(tmp_path, "sft", time="two days"), "--dry-run"])
-    assert rc == 2 and "stages[4] (sft).time='two days'" in capsys.readouterr().err
+    assert rc == 2 and "stages[5] (sft).time='two days'" in capsys.readouterr().err
     rc = main([_broken(tmp_path, "pts", nodes=4), "--dry-run"])
     assert rc == 2 and "nodes > 1 only for train stages" in capsys.readouterr().err

@@ -84,6 +84,25 @@ def test_synth_stage_feeds_the_pretraining_mixture(smoke_run):
     assert shards["num_docs"] == made and "web_rewrites" in (out / "pretrain" / "stage.log").read_text()
 
 
+def test_post_training_data_and_the_dpo_rounds_shares(smoke_run):
+    """The post-training builders ran on our models (the policy: the previous training stage), SFT and both DPO rounds
+    read their files as weighted sources, and the summary shows the drawn shares."""
+    out, _ = smoke_run
+    by_name = {s["name"]: s for s in json.loads((out / "summary.json").read_text())["stages"]}
+    sft_files, dpo_files = by_name["post_sft"]["post"]["files"], by_name["post_dpo"]["post"]["files"]
+    assert sft_files["sft.hallucination.jsonl"] > 0 and sft_files["sft.safety.jsonl"] > 0
+    assert dpo_files["dpo.hallucination.jsonl"] > 0 and dpo_files["dpo.safety.jsonl"] > 0
+    manifest = json.loads((out / "data" / "post_dpo" / "manifest.json").read_text())
+    assert manifest["roles"]["policy"]["model"].startswith(f"inprocess:{out / 'sft'}")  # the SFT model
+    for pair in map(json.loads, (out / "data" / "post_dpo" / "dpo.hallucination.jsonl").read_text().splitlines()):
+        assert 1 <= len(pair["chosen_ids"]) <= 5 and 1 <= len(pair["rejected_ids"]) <= 5
+    for stage, main in (("sft", "chat"), ("dpo_pts", "pts"), ("dpo", "preference")):
+        shares = by_name[stage]["shares"]
+        assert set(shares) >= {main, "hallucination", "safety"} and shares[main] > 0.8, (stage, shares)
+    md = (out / "summary.md").read_text()
+    assert md.count("drawn shares") == 3 and "WARNING: safety" not in md
+
+
 def test_rerun_skips_completed_stages(smoke_run):
     out, _ = smoke_run
     proc = subprocess.run([sys.executable, "-m", "train.recipe", "configs/recipes/smoke.yaml", f"output_dir={out}"],

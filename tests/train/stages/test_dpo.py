@@ -189,7 +189,7 @@ def test_prepare_reference_refuses_a_cache_of_other_data(tmp_path, tok):
     model = tiny_model()
     to_hf(model, tmp_path / "ref_model")
     data = write_jsonl(tmp_path / "a.jsonl", text_pairs(4))
-    cfg = load_config("configs/smoke/dpo.yaml", [f"output_dir={tmp_path / 'run'}", f"data.dpo_path={data}",
+    cfg = load_config("configs/smoke/dpo.yaml", [f"output_dir={tmp_path / 'run'}", "data.dpo_sources=[]", f"data.dpo_path={data}",
                                                  f"train.init_from={tmp_path / 'ref_model'}", "train.seq_len=128",
                                                  "data.held_out_fraction=0",
                                                  *as_overrides(TINY)])
@@ -239,13 +239,17 @@ def test_shipped_dpo_configs_load():
     assert pts.dpo.loss == "sigmoid" and pts.dpo.beta > 0
     smoke_pts, smoke = load_config("configs/smoke/dpo_pts.yaml"), load_config("configs/smoke/dpo.yaml")
     if "PHI4_RECIPE_DIR" not in os.environ:
-        assert smoke_pts.data.dpo_path == "runs/smoke/pts/pairs.jsonl" and smoke_pts.train.init_from == "runs/smoke/sft"
-        assert smoke.data.dpo_path == "runs/smoke/data/raw/dpo.jsonl" and smoke.train.init_from == smoke_pts.output_dir
+        assert smoke_pts.data.dpo_sources[0].path == "runs/smoke/pts/pairs.jsonl"
+        assert smoke.data.dpo_sources[0].path == "runs/smoke/data/raw/dpo.jsonl"
+        assert smoke_pts.train.init_from == "runs/smoke/sft" and smoke.train.init_from == smoke_pts.output_dir
+    for cfg in (pts, judge, smoke_pts, smoke):  # each round: 3% hallucination + safety pairs (paper: 1-5%)
+        assert [s.role for s in cfg.data.dpo_sources] == ["main", "hallucination", "safety"]
+        assert abs(sum(s.weight for s in cfg.data.dpo_sources[1:]) - 0.03) < 1e-9
 
 
 def test_stage_checks_fail_before_compute(tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", text_pairs(2))
-    base = [f"data.dpo_path={data}", f"train.init_from={tmp_path}"]
+    base = ["data.dpo_sources=[]", f"data.dpo_path={data}", f"train.init_from={tmp_path}"]
     validate(load_config("configs/smoke/dpo.yaml", base))
     for overrides, expected in ((["train.init_from=''"], "reference model"), (["data.dpo_path=x.jsonl"], "dpo_path"),
                                 (["dpo.beta=0"], "dpo.beta"), (["model.doc_masking=false"], "doc_masking")):
@@ -254,7 +258,7 @@ def test_stage_checks_fail_before_compute(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")  # e.g. a Pivotal Token Search that found no pair
     with pytest.raises(ConfigError, match="no preference pair"):
-        validate(load_config("configs/smoke/dpo.yaml", [*base, f"data.dpo_path={empty}"]))
+        validate(load_config("configs/smoke/dpo.yaml", [*base, "data.dpo_sources=[]", f"data.dpo_path={empty}"]))
     with pytest.raises(ConfigError, match="dpo.loss"):
         load_config("configs/smoke/dpo.yaml", [*base, "dpo.loss=hinge"])
 
@@ -272,9 +276,9 @@ def runs(tmp_path_factory):
     common = [*as_overrides(TINY), "logging.wandb.mode=disabled"]
     sft = root / "sft"
     check(run_train("configs/smoke/sft.yaml", [
-        *common, f"output_dir={sft}", f"data.sft_path={root / 'raw' / 'sft.jsonl'}", "train.init_from=''",
+        *common, f"output_dir={sft}", "data.sft_sources=[]", f"data.sft_path={root / 'raw' / 'sft.jsonl'}", "train.init_from=''",
         "train.seq_len=256", "train.global_batch=4", "train.max_steps=3", "optim.lr=3e-3", "deepspeed.zero_stage=0"]))
-    dpo_args = [*common, f"data.dpo_path={root / 'pairs.jsonl'}", f"train.init_from={sft}", "train.seq_len=256",
+    dpo_args = [*common, "data.dpo_sources=[]", f"data.dpo_path={root / 'pairs.jsonl'}", f"train.init_from={sft}", "train.seq_len=256",
                 "data.held_out_fraction=0.1"]
     dpo = root / "dpo"
     check(run_train("configs/smoke/dpo.yaml", [
