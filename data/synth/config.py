@@ -46,7 +46,7 @@ class Sampling:
 
 @dataclass
 class SeedsConfig:
-    inputs: list[str] = field(default_factory=list)  # .txt files (passages split on blank lines) or jsonl (text_field)
+    inputs: list[str] = field(default_factory=list)  # .txt/.md, jsonl (text_field), or data.prepare shard dirs
     text_field: str = "text"
     passage_chars: int = 2000  # passages are whole paragraphs packed up to this many characters
     min_chars: int = 200  # shorter passages are dropped (too_short)

@@ -1,8 +1,9 @@
 """Seeds from organic text: files split into passages (whole paragraphs packed up to `passage_chars`), each with its
 file, line span, character offset and sha256, then scored for educational value and reasoning content.
 
-Inputs are .txt/.md files (the file is the document; lines are its lines) or jsonl (each line a document in
-`text_field`; lines are the jsonl line, offsets are inside its text). Passages are numbered in input order; shard i of
+Inputs are .txt/.md files (the file is the document; lines are its lines), jsonl (each line a document in
+`text_field`; lines are the jsonl line, offsets are inside its text), or prepared shard directories of data.prepare
+(holding manifest.json: each document decoded with the Phi-4 tokenizer; the location names the document index). Passages are numbered in input order; shard i of
 N takes passage k when k % N == i, so every shard sees the same numbering whatever N is (each task reads the inputs,
 which costs seconds against hours of generation).
 
@@ -33,14 +34,15 @@ class Passage:
     line_end: int
     char_offset: int  # where the passage starts inside the document's text
     index: int  # position in the numbering over all inputs
+    doc: int = -1  # document index inside a prepared shard directory (-1: a text or jsonl file)
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
     def location(self) -> dict:
-        return {"file": self.file, "line_start": self.line_start, "line_end": self.line_end,
-                "char_offset": self.char_offset, "sha256": self.sha256}
+        where = {"doc": self.doc} if self.doc >= 0 else {"line_start": self.line_start, "line_end": self.line_end}
+        return {"file": self.file, **where, "char_offset": self.char_offset, "sha256": self.sha256}
 
 
 def _paragraphs(text: str):
@@ -104,19 +106,35 @@ def _documents(path: Path, text_field: str):
             yield line_no, text
 
 
+def _shard_documents(directory: Path):
+    """(document index, text) of a prepared shard directory, decoded with the Phi-4 tokenizer."""
+    from data.shards import ShardedSource
+    from data.tokenizer import Phi4Tokenizer
+
+    source, tok = ShardedSource(directory), Phi4Tokenizer()
+    for i in range(len(source)):
+        ids = source.doc(i).tolist()
+        yield i, tok.decode(ids[:-1] if ids and ids[-1] == tok.eod_id else ids)  # documents end with <|endoftext|>
+
+
 def passages(inputs: list[str], text_field: str, passage_chars: int, shard: int = 0, num_shards: int = 1):
     """This shard's passages, numbered over every input in order; too-short ones are yielded too (the caller drops
     and counts them)."""
-    files = list_inputs(inputs, (".txt", ".md", ".jsonl"))
     index = 0
-    for path in files:
-        is_text = path.suffix in (".txt", ".md")
-        for doc_line, text in _documents(path, text_field):
-            for offset, l0, l1, body in split_passages(text, passage_chars):
-                if index % num_shards == shard:
-                    start, end = (l0 + 1, l1 + 1) if is_text else (doc_line, doc_line)
-                    yield Passage(body, str(path), start, end, offset, index)
-                index += 1
+    for item in inputs:
+        if (Path(item) / "manifest.json").is_file():  # a prepared shard directory
+            groups = [(Path(item), _shard_documents(Path(item)), "shards")]
+        else:
+            groups = [(p, _documents(p, text_field), "text" if p.suffix in (".txt", ".md") else "jsonl")
+                      for p in list_inputs([item], (".txt", ".md", ".jsonl"))]
+        for path, docs, kind in groups:
+            for doc_line, text in docs:
+                for offset, l0, l1, body in split_passages(text, passage_chars):
+                    if index % num_shards == shard:
+                        start, end = (l0 + 1, l1 + 1) if kind == "text" else (doc_line, doc_line)
+                        yield Passage(body, str(path), start, end, offset, index,
+                                      doc=doc_line if kind == "shards" else -1)
+                    index += 1
 
 
 SCORE_NAMES = ("educational_value", "reasoning")

@@ -111,3 +111,17 @@ def test_record_ids_are_stable_and_distinct(tmp_path):
         ids.append([r["id"] for r in rows])
         assert all(json.dumps(r["provenance"]["sampling"]) for r in rows)
     assert ids[0] == ids[1] and len(set(ids[0])) == 8
+
+
+def test_seeds_from_prepared_shards(tmp_path, tok):
+    """A data.prepare shard directory is a seed input: documents decoded, located by document index."""
+    from data.shards import ShardWriter
+
+    texts = ["First document about heat. " * 10, "Second document on light. " * 10]
+    writer = ShardWriter(tmp_path / "shards", "organic", "organic", tok.fingerprint)
+    for t in texts:
+        writer.add(tok.encode(t) + [tok.eod_id])
+    writer.close()
+    got = list(passages([str(tmp_path / "shards")], "text", 2000))
+    assert [p.text for p in got] == [t.strip() for t in texts]
+    assert [p.location()["doc"] for p in got] == [0, 1] and "line_start" not in got[0].location()
