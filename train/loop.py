@@ -30,6 +30,7 @@ from train.distributed import (StoppedBeforeTraining, StopRequested, all_reduce_
 from train.engine import build_engine, build_model, deepspeed_config
 from train.metrics import MetricsLogger, git_commit, memory_gb, peak_tflops
 from train.stages.build import build_stage, validate
+from train.transition import check_transition
 
 log = logging.getLogger("train")
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_REQUEUE = 0, 1, 2, 75
@@ -75,7 +76,12 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every ZeRO stage
         model = build_model(cfg.model, ds_config, d)
         if resume is None and cfg.train.init_from:
+            self.context = check_transition(cfg)  # checked in main() too, before any process group
             log.info("initialising weights from %s", checkpoint.init_weights_from(model, cfg.train.init_from, d.is_main))
+        elif resume is not None:
+            self.context = resume[1].get("context") or check_transition(cfg)
+        else:
+            self.context = check_transition(cfg)
         if cfg.train.compile:
             for layer in model.layers:
                 layer.compile()
@@ -265,7 +271,8 @@ class Trainer:
                         "data": self.batches.state_dict(), "rng": {"torch": torch.get_rng_state()},
                         "config": to_dict(self.cfg)}
         meta = {"world_size": d.world_size, "zero_stage": self.cfg.deepspeed.zero_stage, "precision": d.precision,
-                "stage": self.cfg.stage, "tokens_seen": self.tokens_seen, "config": to_dict(self.cfg)}
+                "stage": self.cfg.stage, "tokens_seen": self.tokens_seen, "config": to_dict(self.cfg),
+                "context": self.context}  # the longest context trained so far and theta (train/transition.py)
         local_main = int(os.environ.get("LOCAL_RANK", 0)) == 0
         tag_dir = checkpoint.save(self.engine, self.run_dir, self.step, client_state, meta,
                                   self.cfg.train.keep_last, d.is_main, local_main)
@@ -294,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         grad_accum_steps(cfg, env_world_size())
         validate(cfg)
         check_resume_schedule(cfg)
+        if cfg.train.init_from and not (cfg.train.resume == "auto" and checkpoint.find_latest(cfg.output_dir)):
+            check_transition(cfg)  # theta / context changes only in a midtrain stage
         trainer = Trainer(cfg)  # reads and validates the stage's data
     except (ConfigError, FileNotFoundError, ValueError, ShardError) as e:  # the data errors name file and line
         print(f"configuration error: {e}", file=sys.stderr)

@@ -279,7 +279,7 @@ def runs(tmp_path_factory):
         *common, f"output_dir={sft}", "data.sft_sources=[]", f"data.sft_path={root / 'raw' / 'sft.jsonl'}", "train.init_from=''",
         "train.seq_len=256", "train.global_batch=4", "train.max_steps=3", "optim.lr=3e-3", "deepspeed.zero_stage=0"]))
     dpo_args = [*common, "data.dpo_sources=[]", f"data.dpo_path={root / 'pairs.jsonl'}", f"train.init_from={sft}", "train.seq_len=256",
-                "data.held_out_fraction=0.1"]
+                "model.max_seq_len=256", "data.held_out_fraction=0.1"]  # the SFT run's context (train/transition.py)
     dpo = root / "dpo"
     check(run_train("configs/smoke/dpo.yaml", [
         *dpo_args, f"output_dir={dpo}", "train.max_steps=6", "train.save_every=100", "train.eval_every=0",
