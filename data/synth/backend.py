@@ -10,7 +10,8 @@
 
 A request asks for one sample: `n` is not portable (llama.cpp answers n > 1 with one choice), so N samples are N
 requests, each with its own seed. Async backends define `async complete(request)`; batch backends set `batch_size`
-and define `complete_batch(requests)` (run in a worker thread).
+and define `complete_batch(requests)` (run in a worker thread); every backend has `identity()` (what the request
+keys and record ids hash: backend and model) and `describe()` (that plus where it runs, for provenance).
 """
 from __future__ import annotations
 

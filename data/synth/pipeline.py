@@ -160,8 +160,7 @@ async def run_shard(cfg: SynthConfig, backend, shard: int = 0, num_shards: int =
     for t, rows in by_type.items():
         _write_jsonl(out / f"{t}.jsonl", rows)
     _write_jsonl(out / "seeds.jsonl", seeds)
-    manifest = {"shard": shard, "num_shards": num_shards, "backend": backend.describe() if hasattr(backend, "describe")
-                else backend.identity(), "steps": ctx.tally.steps,
+    manifest = {"shard": shard, "num_shards": num_shards, "backend": backend.describe(), "steps": ctx.tally.steps,
                 "records": {t: len(rows) for t, rows in by_type.items()},
                 "requests": {"sent": client.sent, "from_log": client.from_log, "logged": len(request_log.answers)},
                 "busy_s": round(client.busy_s, 3)}
