@@ -25,29 +25,57 @@ class ChatDataError(ValueError):
     """A conversation or pair file, or a batch, that cannot be used; the message names the file and line, or the batch."""
 
 
-def cached_arrays(cache_dir: str | Path | None, key: dict, build) -> tuple[dict[str, np.ndarray], dict]:
-    """(arrays, meta) of a tokenized file: from cache_dir when its key.json equals `key`, else `build()` and saved.
+def read_cache(cache_dir: str | Path | None, key: dict) -> tuple[dict[str, np.ndarray], dict] | None:
+    """(arrays, meta) of a complete cache for `key` in cache_dir, else None (missing, other key, or damaged).
 
-    Tokenizing a large file takes minutes per rank at every (re)start; the cache makes restarts take seconds, and
-    its arrays are memory-mapped read-only, so the ranks of a node share one copy. Ranks that miss it together
-    build identical arrays; every file is replaced atomically and key.json is written last.
+    Complete: key.json (written last) equals `key`, and every array it lists opens with the dtype and shape it
+    records; a truncated, rewritten or half-written .npy is refused (and logged), never trusted."""
+    if not cache_dir or not (Path(cache_dir) / "key.json").is_file():
+        return None
+    cache_dir = Path(cache_dir)
+    try:
+        saved = json.loads((cache_dir / "key.json").read_text())
+        if saved.get("key") != key:
+            return None
+        arrays = {}
+        for name, spec in saved["arrays"].items():
+            array = np.load(cache_dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            if str(array.dtype) != spec["dtype"] or list(array.shape) != spec["shape"]:
+                raise ValueError(f"{name}.npy holds {array.dtype} {list(array.shape)}, key.json says "
+                                 f"{spec['dtype']} {spec['shape']}")
+            arrays[name] = array
+        return arrays, saved["meta"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("token cache %s unreadable (%s): tokenizing again", cache_dir, e)
+        return None
+
+
+def cached_arrays(cache_dir: str | Path | None, key: dict, build, write: bool = True
+                  ) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, meta) of a tokenized file: from cache_dir when it holds a complete cache for `key` (`read_cache`),
+    else `build()`, saved there when `write`.
+
+    Tokenizing a large file takes minutes at every (re)start; the cache makes restarts take seconds, and its arrays
+    are memory-mapped read-only, so the ranks of a node share one copy. One rank writes it (the data sources pass
+    write=rank == 0; the trainer starts the other ranks' reads after rank 0 has built it, train/stages/sft.py
+    `rank0_first`); a rank that may not write and finds no cache builds in memory. Every file is replaced
+    atomically and key.json, which records each array's dtype and shape, is written last.
     """
-    cache_dir = Path(cache_dir) if cache_dir else None
-    if cache_dir is not None and (cache_dir / "key.json").is_file():
-        try:
-            saved = json.loads((cache_dir / "key.json").read_text())
-            if saved.get("key") == key:
-                return {n: np.load(cache_dir / f"{n}.npy", mmap_mode="r") for n in saved["arrays"]}, saved["meta"]
-        except (OSError, ValueError, KeyError) as e:
-            log.warning("token cache %s unreadable (%s): tokenizing again", cache_dir, e)
+    found = read_cache(cache_dir, key)
+    if found is not None:
+        return found
     arrays, meta = build()
-    if cache_dir is not None:
+    if cache_dir is not None and write:
+        cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
         (cache_dir / "key.json").unlink(missing_ok=True)  # the old arrays are about to be replaced
         for name, array in arrays.items():
             with atomic_path(cache_dir / f"{name}.npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, array)
-        atomic_write(cache_dir / "key.json", json.dumps({"key": key, "arrays": sorted(arrays), "meta": meta}))
+                np.save(f, array, allow_pickle=False)
+        specs = {n: {"dtype": str(np.asarray(a).dtype), "shape": list(np.shape(a))} for n, a in sorted(arrays.items())}
+        atomic_write(cache_dir / "key.json", json.dumps({"key": key, "arrays": specs, "meta": meta}))
+    elif cache_dir is not None:
+        log.info("token cache %s: not this rank's to write; tokenized in memory", cache_dir)
     return arrays, meta
 
 

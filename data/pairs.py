@@ -131,7 +131,8 @@ class PairBatches:
         sha256 = sha256_file(path)
         key = {"format": PAIRS_FORMAT, "kind": "dpo", "sha256": sha256, "tokenizer": tokenizer.fingerprint,
                "template": _template_fingerprint()}
-        data, meta = cached_arrays(token_cache, key, lambda: load_pairs(path, tokenizer))
+        data, meta = cached_arrays(token_cache, key, lambda: load_pairs(path, tokenizer),
+                                   write=rank == 0)  # one writer; the trainer lets rank 0 build it first
         self.tokens, self.bounds, self.forms = data["tokens"], data["bounds"], meta["forms"]
         self.num_pairs = len(self.bounds)
         p, c, r = (np.diff(self.bounds[:, k:k + 2], axis=1)[:, 0] for k in range(3))

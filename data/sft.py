@@ -111,7 +111,8 @@ class ChatBatches:
             raise ChatDataError(f"{path}: file not found")
         sha256 = sha256_file(path)
         key = {"format": STATE_FORMAT, "kind": "sft", "sha256": sha256, "tokenizer": tokenizer.fingerprint}
-        data, _ = cached_arrays(token_cache, key, lambda: (load_conversations(path, tokenizer), {}))
+        data, _ = cached_arrays(token_cache, key, lambda: (load_conversations(path, tokenizer), {}),
+                                write=rank == 0)  # one writer; the trainer lets rank 0 build it first
         self.tokens, self.mask, self.offsets = data["tokens"], data["mask"], data["offsets"]
         self.num_conversations = len(self.offsets) - 1
         self.segment_lengths = np.diff(self.offsets) - 1  # positions each conversation takes in a row

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -72,8 +72,15 @@ class DeepSpeedConfig:
     zero_stage: int = 1  # 0 | 1 | 2 | 3
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU
     offload_params: bool = False  # ZeRO-3 only
-    allgather_bucket_size: int = 200_000_000
-    reduce_bucket_size: int = 200_000_000
+    # Communication (DeepSpeed's zero_optimization keys of the same names). 0 (null for overlap_comm) = derived by
+    # `zero_comm_settings` below: ZeRO-1/2 as before (200M-element buckets, no overlap); ZeRO-3 from the hidden size.
+    allgather_bucket_size: int = 0  # ZeRO-1/2 only (stage 3 gathers by stage3_prefetch_bucket_size)
+    reduce_bucket_size: int = 0
+    overlap_comm: Optional[bool] = None
+    stage3_prefetch_bucket_size: int = 0
+    stage3_param_persistence_threshold: int = 0  # 0 = derived; set 1 to partition every parameter
+    stage3_max_live_parameters: int = 0
+    stage3_max_reuse_distance: int = 0
 
 
 @dataclass
@@ -191,6 +198,9 @@ def finalize(cfg: RunConfig, where: str = "<config>") -> RunConfig:
         raise ConfigError(f"{where}: optim.betas={cfg.optim.betas}; expected two values in [0, 1)")
     if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
         raise ConfigError(f"{where}: deepspeed.offload_params needs deepspeed.zero_stage=3")
+    for key in COMM_SIZE_KEYS:
+        if getattr(cfg.deepspeed, key) < 0:
+            raise ConfigError(f"{where}: deepspeed.{key}={getattr(cfg.deepspeed, key)}; expected >= 0 (0 = derived)")
     # Derived: step count from the token budget, and the model's context from the training window.
     if t.max_steps <= 0:
         if t.total_tokens <= 0:
@@ -205,6 +215,40 @@ def finalize(cfg: RunConfig, where: str = "<config>") -> RunConfig:
                           f"{cfg.model.max_seq_len}. A stage that grows the context says so: set model.max_seq_len "
                           "too (as midtraining does), or lower train.seq_len")
     return cfg
+
+
+COMM_SIZE_KEYS = ("allgather_bucket_size", "reduce_bucket_size", "stage3_prefetch_bucket_size",
+                  "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance")
+ZERO12_BUCKET = 200_000_000  # elements: the ZeRO-1/2 reduce and all-gather buckets (DeepSpeed's own default is 5e8)
+ZERO3_MAX_LIVE = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters and stage3_max_reuse_distance
+
+
+def zero_comm_settings(cfg: RunConfig) -> dict:
+    """The communication keys of DeepSpeed's zero_optimization section for this run, every one resolved (the
+    config's value when set, else derived); {} for ZeRO-0, whose gradient all-reduce DeepSpeed's engine does.
+
+    ZeRO-1/2: 200M-element reduce and all-gather buckets, overlap_comm off (what this trainer always used).
+    ZeRO-3, from the hidden size h (model.dim), the values the Hugging Face DeepSpeed integration writes for "auto"
+    (transformers/integrations/deepspeed.py, `trainer_config_finalize`): reduce bucket h^2 elements, prefetch bucket
+    0.9 h^2, parameters below 10 h elements (norm weights) never partitioned; overlap_comm on (DeepSpeed's own
+    default for stage 3), so all-gathers and reduce-scatters run on their own streams beside compute; at most 1e9
+    parameters gathered and kept for reuse (DeepSpeed's defaults, written out). allgather_bucket_size is not read by
+    stage 3 and is not emitted there."""
+    ds, h = cfg.deepspeed, cfg.model.dim
+    if ds.zero_stage == 0:
+        return {}
+    if ds.zero_stage in (1, 2):
+        return {"overlap_comm": bool(ds.overlap_comm) if ds.overlap_comm is not None else False,
+                "contiguous_gradients": True,
+                "reduce_bucket_size": ds.reduce_bucket_size or ZERO12_BUCKET,
+                "allgather_bucket_size": ds.allgather_bucket_size or ZERO12_BUCKET}
+    return {"overlap_comm": bool(ds.overlap_comm) if ds.overlap_comm is not None else True,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": ds.reduce_bucket_size or h * h,
+            "stage3_prefetch_bucket_size": ds.stage3_prefetch_bucket_size or int(0.9 * h * h),
+            "stage3_param_persistence_threshold": ds.stage3_param_persistence_threshold or 10 * h,
+            "stage3_max_live_parameters": ds.stage3_max_live_parameters or ZERO3_MAX_LIVE,
+            "stage3_max_reuse_distance": ds.stage3_max_reuse_distance or ZERO3_MAX_LIVE}
 
 
 def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from model import ModelConfig, Transformer
-from train.config import RunConfig, grad_accum_steps
+from train.config import RunConfig, grad_accum_steps, zero_comm_settings
 from train.distributed import DistState
 
 log = logging.getLogger(__name__)
@@ -17,12 +17,9 @@ log = logging.getLogger(__name__)
 def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_universal: bool = False) -> dict:
     """The whole DeepSpeed config, generated from the run config: nothing is written twice by hand."""
     ds = cfg.deepspeed
-    zero: dict = {"stage": ds.zero_stage}
-    if ds.zero_stage > 0:
-        zero.update(contiguous_gradients=True, overlap_comm=False,
-                    reduce_bucket_size=ds.reduce_bucket_size)
+    zero: dict = {"stage": ds.zero_stage, **zero_comm_settings(cfg)}  # buckets, overlap: see train/config.py
     if ds.zero_stage in (1, 2):
-        zero.update(allgather_bucket_size=ds.allgather_bucket_size, reduce_scatter=True)
+        zero.update(reduce_scatter=True)
     if ds.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
     if ds.offload_optimizer:

@@ -24,8 +24,25 @@ Memory per GPU (bytes; printed in GiB, as DeepSpeed's estimators and nvidia-smi 
   saved for backward (2 V d) and dL/dh (2 b s d). The plain path (loss_chunk_tokens=0) holds b s V x 10 bytes
   (bf16 logits, fp32 upcast, fp32 log-softmax saved for backward).
 - Communication buckets: DeepSpeed's reduce (and ZeRO-1/2 all-gather) buckets, 2 bytes x bucket elements; ZeRO-3
-  prefetch bucket (DeepSpeed default 5e7 elements).
+  prefetch bucket; the values deepspeed_config writes (train/config.py `zero_comm_settings`: h^2 and 0.9 h^2).
 - Reserve (--reserve-gib, default 4): CUDA context, NCCL buffers and allocator fragmentation. ASSUMPTION.
+
+Communication time per step (`comm_time`), ring collectives over the Nd data-parallel ranks: an all-gather or a
+reduce-scatter of M bytes moves (Nd - 1) / Nd x M bytes through every GPU, an all-reduce twice that; time = bytes /
+bus bandwidth. Everything goes in bf16, 2 bytes per element (ASSUMPTION: DeepSpeed communicates in the 16-bit model
+dtype, engine.py `communication_data_type`, unless the config sets one; ours sets none).
+- ZeRO-3: every micro-step all-gathers the 16-bit params in forward and again in backward, and reduce-scatters the
+  gradients in backward (stage3.py reduces each micro-step into the partitioned gradients): 3 x (Nd-1)/Nd x 2 Psi
+  bytes per micro-step, x grad accumulation per step (the ZeRO paper's 3 Psi, per micro-step).
+- ZeRO-2: reduce-scatter of the gradients every micro-step; once per step the all-gather of the updated params.
+- ZeRO-1: gradients reduced once per step, at the accumulation boundary (stage_1_and_2.py), then the param all-gather.
+- ZeRO-0: one all-reduce of the gradients per step, at the boundary.
+Bandwidth: `INTERCONNECT` (ASSUMPTION, one place): NVLink within a node; a ring over more than one node runs at the
+node's InfiniBand bandwidth shared by its GPUs. Overlap: with overlap_comm (ZeRO-3's derived default) communication
+runs beside compute and only what exceeds the hideable compute is exposed; hideable = the whole step's compute for
+ZeRO-2/3 (their collectives are spread over every micro-step), the last micro-step's backward (2/3 of it) for
+ZeRO-0/1. Without overlap_comm all of it is exposed. Step time with communication = compute + exposed; `days` stays
+compute-only, `days_with_comm` adds the exposed time.
 
 Time: FLOPs per token F = 6 N_nonemb + 12 L n_heads d_head s (`ModelConfig.flops_per_token`, PaLM App. B; no recompute
 counted); tokens/s/GPU = peak x MFU / F; step time = global_batch x seq_len / (tokens/s/GPU x Nd). DPO adds one
@@ -42,7 +59,7 @@ from pathlib import Path
 
 import yaml
 
-from train.config import REPO_ROOT, STAGES, ConfigError, RunConfig, load_config
+from train.config import REPO_ROOT, STAGES, ZERO12_BUCKET, ConfigError, RunConfig, load_config, zero_comm_settings
 from train.metrics import GPU_PEAK_TFLOPS
 
 GIB = 2**30
@@ -53,8 +70,17 @@ GPUS = {
     "a100-80gb": (79.2, GPU_PEAK_TFLOPS["A100"]),
     "a100-40gb": (39.4, GPU_PEAK_TFLOPS["A100"]),
 }
+# ASSUMPTION: bus bandwidth per GPU (GB/s, as nccl-tests reports busbw) within a node (NVLink) and, for a ring that
+# spans nodes, the node's InfiniBand share per GPU: H100/H200 SXM, NVLink 4 at 450 GB/s per direction, 8 x 400 Gb/s
+# NDR per node = 400 GB/s = 50 GB/s per GPU; A100 SXM, NVLink 3 at 300 GB/s, 8 x 200 Gb/s HDR = 25 GB/s per GPU.
+INTERCONNECT = {  # gpu -> (GPUs per node, intra-node GB/s per GPU, inter-node GB/s per GPU)
+    "h100-80gb": (8, 450.0, 50.0),
+    "h200": (8, 450.0, 50.0),
+    "a100-80gb": (8, 300.0, 25.0),
+    "a100-40gb": (8, 300.0, 25.0),
+}
+COMM_BYTES_PER_ELEMENT = 2  # bf16 collectives
 ACT_BYTES_AC = 2  # x s b h per layer: the checkpointed block input, 16-bit
-ZERO3_PREFETCH_ELEMENTS = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size default
 PHI4_PARAMS = 14_659_507_200
 TRAIN_KINDS = ("train",) + STAGES  # recipe stage kinds that run the trainer
 PAPER_DAYS, PAPER_GPUS = 21.0, 1920  # HF model card microsoft/phi-4: 1920 H100-80G, 21 days, 9.8T tokens
@@ -136,12 +162,45 @@ def loss_bytes(cfg) -> dict[str, float]:
 
 
 def comm_bytes(cfg) -> float:
-    ds = cfg.deepspeed
-    if ds.zero_stage in (1, 2):
-        return 2.0 * (ds.reduce_bucket_size + ds.allgather_bucket_size)
-    if ds.zero_stage == 3:
-        return 2.0 * (ds.reduce_bucket_size + ZERO3_PREFETCH_ELEMENTS)
-    return 2.0 * ds.reduce_bucket_size
+    """Bucket memory: 2 bytes x the reduce bucket plus the all-gather (ZeRO-1/2) or prefetch (ZeRO-3) bucket, as
+    deepspeed_config sets them (`zero_comm_settings`); ZeRO-0 (the engine's all-reduce): one 200M-element bucket."""
+    z = zero_comm_settings(cfg)
+    if cfg.deepspeed.zero_stage == 0:
+        return 2.0 * ZERO12_BUCKET
+    gather = z["allgather_bucket_size"] if cfg.deepspeed.zero_stage in (1, 2) else z["stage3_prefetch_bucket_size"]
+    return 2.0 * (z["reduce_bucket_size"] + gather)
+
+
+def bus_bandwidth(gpu: str, nd: int) -> tuple[float, str]:
+    """(bytes/s per GPU, which link) of a ring over nd GPUs: NVLink within one node, else the InfiniBand share."""
+    per_node, intra, inter = INTERCONNECT[gpu]
+    if nd <= per_node:
+        return intra * 1e9, f"NVLink {intra:.0f} GB/s per GPU"
+    return inter * 1e9, f"InfiniBand {inter:.0f} GB/s per GPU ({inter * per_node:.0f} GB/s per {per_node}-GPU node)"
+
+
+def comm_volume(psi: int, zero: int, nd: int, accum: int) -> dict[str, float]:
+    """Bytes through each GPU per optimizer step, by collective (ring: (nd-1)/nd of the payload each)."""
+    ring = (nd - 1) / nd
+    payload = COMM_BYTES_PER_ELEMENT * psi  # the whole model in bf16
+    if zero == 3:
+        return {"param_all_gather": 2 * accum * ring * payload, "grad_reduce_scatter": accum * ring * payload}
+    if zero == 2:
+        return {"param_all_gather": ring * payload, "grad_reduce_scatter": accum * ring * payload}
+    if zero == 1:
+        return {"param_all_gather": ring * payload, "grad_reduce_scatter": ring * payload}
+    return {"grad_all_reduce": 2 * ring * payload}
+
+
+def comm_time(psi: int, zero: int, nd: int, accum: int, gpu: str, compute_s: float, overlap: bool) -> dict:
+    """Communication per step: bytes per GPU, seconds at the bus bandwidth, and what overlap leaves exposed."""
+    volume = comm_volume(psi, zero, nd, accum)
+    bandwidth, link = bus_bandwidth(gpu, nd)
+    seconds = sum(volume.values()) / bandwidth if nd > 1 else 0.0
+    hideable = compute_s if zero in (2, 3) else compute_s / accum * 2.0 / 3.0
+    exposed = max(0.0, seconds - hideable) if overlap else seconds
+    return {"bytes_per_gpu": volume, "bandwidth_bytes_per_s": bandwidth, "link": link, "comm_s": seconds,
+            "overlap_comm": overlap, "hideable_s": hideable if overlap else 0.0, "exposed_s": exposed}
 
 
 def usable_gpus(global_batch: int, micro_batch: int, gpus: int) -> int:
@@ -178,13 +237,17 @@ def plan_stage(cfg: RunConfig, hw: Hardware) -> dict:
     tokens_per_s_gpu = hw.peak_flops * hw.mfu / (flops_token * flops_factor)
     step_tokens = t.global_batch * t.seq_len
     step_s = step_tokens / (tokens_per_s_gpu * nd)
+    accum = t.global_batch // (t.micro_batch * nd)
+    overlap = bool(zero_comm_settings(cfg).get("overlap_comm", False))
+    comm_t = comm_time(psi, ds.zero_stage, nd, accum, hw.gpu, step_s, overlap)
+    step_comm_s = step_s + comm_t["exposed_s"]
     return {
         "stage": cfg.stage, "gpu": hw.gpu, "gpus": hw.gpus, "gpus_used": nd, "gpus_note": note, "mfu": hw.mfu,
         "parameters": psi, "non_embedding_parameters": psi - m.vocab_size * m.dim,
         "flops_per_token": flops_token, "attention_flops_fraction":
             12.0 * m.n_layers * m.n_heads * m.head_dim * t.seq_len / flops_token,
         "seq_len": t.seq_len, "micro_batch": t.micro_batch, "global_batch": t.global_batch,
-        "grad_accum_steps": t.global_batch // (t.micro_batch * nd),
+        "grad_accum_steps": accum,
         "zero_stage": ds.zero_stage, "offload_optimizer": ds.offload_optimizer, "offload_params": ds.offload_params,
         "activation_checkpointing": m.activation_checkpointing,
         "recompute_fraction": (math.ceil(m.n_layers / m.checkpoint_every) / m.n_layers / 3.0
@@ -197,6 +260,7 @@ def plan_stage(cfg: RunConfig, hw: Hardware) -> dict:
         "fits": {k: v <= hw.capacity_bytes for k, v in total.items()},
         "tokens_per_s_per_gpu": tokens_per_s_gpu, "step_time_s": step_s, "steps": t.max_steps,
         "total_tokens": t.total_tokens, "days": t.max_steps * step_s / 86400.0,
+        "comm": comm_t, "step_time_with_comm_s": step_comm_s, "days_with_comm": t.max_steps * step_comm_s / 86400.0,
     }
 
 
@@ -241,7 +305,15 @@ def format_stage(p: dict, title: str = "") -> str:
               f"step {p['step_time_s']:.2f} s"
               + (f" (the GPUs also recompute {100 * p['recompute_fraction']:.0f}% more FLOPs for checkpointing, "
                  "which MFU does not count)" if p["recompute_fraction"] else ""),
-              f"budget: {p['total_tokens']:,} tokens = {p['steps']:,} steps = {p['days']:.2f} days"]
+              f"budget: {p['total_tokens']:,} tokens = {p['steps']:,} steps = {p['days']:.2f} days (compute only)"]
+    c = p["comm"]
+    volume = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.1f} GB" for k, v in c["bytes_per_gpu"].items())
+    overlap = (f"overlap_comm hides up to {c['hideable_s']:.2f} s of it" if c["overlap_comm"]
+               else "overlap_comm off: all of it adds to the step")
+    lines += [f"communication per step: {volume} per GPU over {c['link']} = {c['comm_s']:.2f} s; {overlap}; "
+              f"exposed {c['exposed_s']:.2f} s",
+              f"with communication: step {p['step_time_with_comm_s']:.2f} s, {p['days_with_comm']:.2f} days "
+              f"(compute only {p['days']:.2f})"]
     return "\n".join(lines)
 
 
@@ -289,6 +361,7 @@ def plan_recipe(path: Path, overrides: list[str], hw: Hardware) -> dict:
         order.append(("stages", len(stages) - 1))
     total_days = sum(s["days"] for s in stages)
     return {"recipe": str(path), "stages": stages, "skipped": skipped, "order": order, "total_days": total_days,
+            "total_days_with_comm": sum(s["days_with_comm"] for s in stages),
             "total_tokens": sum(s["total_tokens"] for s in stages),
             "paper": {"days": PAPER_DAYS, "gpus": PAPER_GPUS, "gpu": "h100-80gb"}}
 
@@ -296,7 +369,7 @@ def plan_recipe(path: Path, overrides: list[str], hw: Hardware) -> dict:
 def format_recipe(r: dict) -> str:
     lines = [format_stage(s, s["name"]) + "\n" for s in r["stages"]]
     lines.append(f"{'stage':12s} {'GPUs':>6s} {'tokens':>20s} {'steps':>9s} {'tok/s/GPU':>10s} {'step s':>8s} "
-                 f"{'days':>7s}  memory (configured)")
+                 f"{'days':>7s} {'+comm':>7s}  memory (configured)")
     for kind, i in r["order"]:
         s = r[kind][i]
         if kind == "skipped":
@@ -305,13 +378,16 @@ def format_recipe(r: dict) -> str:
         need = s["total_bytes"][s["configured"]]
         fit = "fits" if s["fits"][s["configured"]] else "DOES NOT FIT"
         lines.append(f"{s['name']:12s} {s['gpus_used']:6,d} {s['total_tokens']:20,d} {s['steps']:9,d} "
-                     f"{s['tokens_per_s_per_gpu']:10,.0f} {s['step_time_s']:8.2f} {s['days']:7.2f}  "
+                     f"{s['tokens_per_s_per_gpu']:10,.0f} {s['step_time_s']:8.2f} {s['days']:7.2f} "
+                     f"{s['days_with_comm']:7.2f}  "
                      f"{need / GIB:.1f} GiB {fit}")
-    lines.append(f"{'total':12s} {'':6s} {r['total_tokens']:20,d} {'':9s} {'':10s} {'':8s} {r['total_days']:7.2f}")
+    lines.append(f"{'total':12s} {'':6s} {r['total_tokens']:20,d} {'':9s} {'':10s} {'':8s} {r['total_days']:7.2f} "
+                 f"{r['total_days_with_comm']:7.2f}")
     if any(s["parameters"] == PHI4_PARAMS for s in r["stages"]):  # the paper's figure is for the 14B model
         s0 = r["stages"][0]
         lines.append(f"paper: {PAPER_DAYS:.0f} days on {PAPER_GPUS:,} H100-80G for everything (model card); this plan: "
-                     f"{r['total_days']:.1f} days on up to {s0['gpus']:,} x {s0['gpu']} at {100 * s0['mfu']:.0f}% MFU, "
+                     f"{r['total_days']:.1f} days ({r['total_days_with_comm']:.1f} with exposed communication) "
+                     f"on up to {s0['gpus']:,} x {s0['gpu']} at {100 * s0['mfu']:.0f}% MFU, "
                      f"with no restarts, evaluation or data-pipeline stalls; {PAPER_DAYS:.0f} days at this layout "
                      f"means {100 * s0['mfu'] * r['total_days'] / PAPER_DAYS:.1f}% MFU sustained")
     return "\n".join(lines)

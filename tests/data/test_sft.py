@@ -240,3 +240,132 @@ def test_sft_run_learns_and_evaluates(tmp_path):
     evals = [r for r in metrics(run_dir) if "eval/loss/sft" in r]
     assert [r["step"] for r in evals] == [3, 6] and evals[1]["eval/loss/sft"] < evals[0]["eval/loss/sft"]
     assert (run_dir / "checkpoints" / "step_00000006" / "meta.json").is_file()
+
+
+def cache_files(cache) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(cache.iterdir())} if cache.exists() else {}
+
+
+def same_batches(a, b, n: int = 3) -> bool:
+    return all(all(torch.equal(x[k], y[k]) for k in ("input_ids", "labels", "position_ids", "cu_seqlens"))
+               for x, y in ((next(a), next(b)) for _ in range(n)))
+
+
+def test_only_rank0_writes_the_token_cache_and_rank1_reads_it(tmp_path, tok):
+    path = write_chats(tmp_path / "c.jsonl", [conversation(k) for k in range(10)])
+    cache = tmp_path / "run" / "sft_tokens"
+    two = dict(global_batch=2, world_size=2, token_cache=cache)
+    alone = make(path, tok, rank=1, **two)  # rank 1 first, no cache yet: tokenizes in memory, writes nothing
+    assert cache_files(cache) == {} and not isinstance(alone.tokens, np.memmap)
+    make(path, tok, rank=0, **two)
+    written = cache_files(cache)
+    assert set(written) == {"key.json", "tokens.npy", "mask.npy", "offsets.npy"}
+    reader = make(path, tok, rank=1, **two)
+    assert isinstance(reader.tokens, np.memmap)  # rank 0's cache, memory-mapped
+    assert cache_files(cache) == written  # nothing rewritten
+    assert same_batches(reader, make(path, tok, rank=1, global_batch=2, world_size=2))  # the same rows as tokenizing here
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other_shape", "garbage_key", "no_key", "old_key_format"])
+def test_damaged_or_partial_token_cache_is_rebuilt_not_trusted(tmp_path, tok, damage):
+    path = write_chats(tmp_path / "c.jsonl", [conversation(k) for k in range(10)])
+    cache = tmp_path / "sft_tokens"
+    reference = make(path, tok, token_cache=cache)
+    if damage == "truncated":  # a torn copy: the header survives, the data does not
+        data = (cache / "tokens.npy").read_bytes()
+        (cache / "tokens.npy").write_bytes(data[:len(data) // 2])
+    elif damage == "other_shape":  # a valid .npy, but not the array key.json describes
+        np.save(cache / "offsets.npy", np.load(cache / "offsets.npy")[:-2])
+    elif damage == "garbage_key":
+        (cache / "key.json").write_text('{"key": ')
+    elif damage == "no_key":  # the arrays of an interrupted write, key.json not yet written
+        (cache / "key.json").unlink()
+    else:  # key.json of the earlier format (a list of names, no dtypes or shapes)
+        saved = json.loads((cache / "key.json").read_text())
+        (cache / "key.json").write_text(json.dumps({**saved, "arrays": sorted(saved["arrays"])}))
+    rebuilt = make(path, tok, token_cache=cache)
+    assert not isinstance(rebuilt.tokens, np.memmap)  # tokenized again
+    assert same_batches(rebuilt, make(path, tok)) and same_batches(reference, make(path, tok))
+    assert isinstance(make(path, tok, token_cache=cache).tokens, np.memmap)  # and written back whole
+
+
+def test_rank0_first_orders_the_ranks_and_passes_on_rank0s_error(tmp_path, monkeypatch):
+    """Two ranks as threads of one launch: rank 1's make() starts only after rank 0's has finished; rank 0's
+    failure reaches rank 1 as a configuration error; a ready.json of another launch is not taken for this one."""
+    import threading
+    import time
+
+    from train.stages import sft as stage
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-a")
+    monkeypatch.setattr(stage, "POLL_S", 0.01)
+    cache, events, results = tmp_path / "sft_tokens", [], {}
+
+    def make_as(rank, fail=False):
+        def make():
+            events.append(("start", rank))
+            time.sleep(0.2 if rank == 0 else 0.0)
+            if fail:
+                raise ChatDataError("c.jsonl line 3: not JSON")
+            events.append(("end", rank))
+            return rank
+        return make
+
+    def run(rank, fail=False):
+        try:
+            results[rank] = stage.rank0_first(make_as(rank, fail), cache, rank, 2, wait_s=10)
+        except Exception as e:  # noqa: BLE001 - what each rank raised is the result
+            results[rank] = e
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (1, 0)]  # rank 1 is already waiting
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {0: 0, 1: 1} and events == [("start", 0), ("end", 0), ("start", 1), ("end", 1)]
+    assert json.loads((cache / "ready.json").read_text()) == {"launch": stage.launch_id(), "error": None}
+
+    events.clear()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-b")  # a new launch: the ready.json above is not its own
+    threads = [threading.Thread(target=run, args=(r, True)) for r in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(results[0], ChatDataError) and events == [("start", 0)]  # rank 1 never tokenized
+    assert isinstance(results[1], ConfigError) and "rank 0 could not build the token cache" in str(results[1])
+    assert "c.jsonl line 3: not JSON" in str(results[1])
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-c")  # a success of launch-a is not this launch's
+    (cache / "ready.json").write_text(json.dumps({"launch": {**stage.launch_id(), "TORCHELASTIC_RUN_ID": "launch-a"},
+                                                  "error": None}))
+    with pytest.raises(ConfigError, match="wrote no .*ready.json for this launch"):
+        stage.rank0_first(make_as(1), cache, 1, 2, wait_s=0.2)
+    assert stage.rank0_first(make_as(0), cache, 0, 1) == 0  # one process: no coordination at all
+
+
+@pytest.mark.slow
+def test_two_rank_sft_run_builds_the_token_cache_once(tmp_path):
+    """torchrun, 2 gloo ranks: rank 0 tokenizes and writes the cache and ready.json for this launch, rank 1 waits
+    for it and reads the cache; a second launch finds the cache and trains on the same rows."""
+    from data.smoke.build import generate
+
+    generate(tmp_path / "raw", seed=0, scale="small")
+    run_dir = tmp_path / "sft"
+    overrides = ["data.sft_sources=[]", f"data.sft_path={tmp_path / 'raw' / 'sft.jsonl'}", "train.init_from=''",
+                 f"output_dir={run_dir}", *as_overrides(TINY), "train.seq_len=256", "train.global_batch=4",
+                 "train.micro_batch=1", "train.max_steps=2", "train.save_every=100", "train.eval_every=0",
+                 "logging.wandb.mode=disabled", "deepspeed.zero_stage=0", "train.resume=none"]
+    check(run_train("configs/smoke/sft.yaml", overrides, nproc=2))
+    cache = run_dir / "sft_tokens"
+    ready = json.loads((cache / "ready.json").read_text())
+    assert ready["error"] is None and ready["launch"]["TORCHELASTIC_RUN_ID"]  # written under torchrun
+    written = cache_files(cache)
+    assert {"key.json", "tokens.npy", "mask.npy", "offsets.npy"} <= set(written)
+    first = train_losses(run_dir)
+    check(run_train("configs/smoke/sft.yaml", overrides, nproc=2))
+    again = json.loads((cache / "ready.json").read_text())
+    assert again["launch"]["TORCHELASTIC_RUN_ID"] != ready["launch"]["TORCHELASTIC_RUN_ID"]
+    assert {k: v for k, v in cache_files(cache).items() if k != "ready.json"} == \
+        {k: v for k, v in written.items() if k != "ready.json"}  # read, not rewritten
+    assert train_losses(run_dir) == first

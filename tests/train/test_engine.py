@@ -154,3 +154,59 @@ def test_resume_in_the_middle_continues_with_the_same_rates(schedule, extra, sto
     rest = rates(fresh_optimizer, fresh_scheduler, 10 - stop_at)
     assert first + rest == straight  # exactly: the same float operations
     assert len(set(straight)) > 2  # the schedule moves, so a resume from step 0 would show
+
+
+def zero_section(*overrides: str, config: str = "configs/phi4-14b/pretrain.yaml", world: int = 1920) -> dict:
+    from train.engine import deepspeed_config
+
+    return deepspeed_config(load_config(config, list(overrides)), world, "bf16")["zero_optimization"]
+
+
+def test_zero3_communication_is_derived_from_the_hidden_size():
+    """Phi-4, h = 5120: reduce bucket h^2, prefetch 0.9 h^2, persistence threshold 10 h, overlap on; DeepSpeed's own
+    config model reads every key back to the same value (so the names are DeepSpeed's, not just ours)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    z = zero_section()
+    assert z == {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 26_214_400,
+                 "stage3_prefetch_bucket_size": 23_592_960, "stage3_param_persistence_threshold": 51_200,
+                 "stage3_max_live_parameters": 10**9, "stage3_max_reuse_distance": 10**9,
+                 "stage3_gather_16bit_weights_on_model_save": False}
+    parsed = DeepSpeedZeroConfig(**z)
+    assert (parsed.overlap_comm, parsed.reduce_bucket_size, parsed.prefetch_bucket_size,
+            parsed.param_persistence_threshold, parsed.max_live_parameters, parsed.max_reuse_distance) == \
+        (True, 26_214_400, 23_592_960, 51_200, 10**9, 10**9)
+    narrow = zero_section("model.dim=2560")  # another hidden size, another derivation
+    assert (narrow["reduce_bucket_size"], narrow["stage3_prefetch_bucket_size"],
+            narrow["stage3_param_persistence_threshold"]) == (2560**2, int(0.9 * 2560**2), 25_600)
+
+
+@pytest.mark.parametrize("key,value", [("overlap_comm", False), ("reduce_bucket_size", 5_000_000),
+                                       ("stage3_prefetch_bucket_size", 7_000_000),
+                                       ("stage3_param_persistence_threshold", 1),
+                                       ("stage3_max_live_parameters", 3_000_000),
+                                       ("stage3_max_reuse_distance", 4_000_000)])
+def test_each_zero3_communication_key_overrides_its_derived_value(key, value):
+    derived = zero_section()
+    z = zero_section(f"deepspeed.{key}={str(value).lower()}")
+    assert z[key] == value != derived[key]
+    assert {k: v for k, v in z.items() if k != key} == {k: v for k, v in derived.items() if k != key}
+
+
+def test_zero_0_to_2_communication_as_before():
+    """ZeRO-1/2: 200M-element buckets, no overlap, reduce-scatter (the values this trainer always wrote); ZeRO-0:
+    the stage alone (the engine all-reduces)."""
+    for stage in (1, 2):
+        assert zero_section(f"deepspeed.zero_stage={stage}", config="configs/smoke/sft.yaml", world=1) == {
+            "stage": stage, "overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 200_000_000,
+            "allgather_bucket_size": 200_000_000, "reduce_scatter": True}
+    assert zero_section("deepspeed.allgather_bucket_size=123", config="configs/smoke/sft.yaml",
+                        world=1)["allgather_bucket_size"] == 123
+    assert zero_section(config="configs/smoke/pretrain.yaml", world=1) == {"stage": 0}
+
+
+def test_negative_communication_size_is_a_config_error():
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="deepspeed.reduce_bucket_size=-1; expected >= 0"):
+        load_config("configs/phi4-14b/pretrain.yaml", ["deepspeed.reduce_bucket_size=-1"])

@@ -264,3 +264,65 @@ def test_a_stage_plan_shows_its_mixture_over_the_stage_budget(tmp_path, capsys):
     assert [(r["tokens_drawn"], r["epochs"]) for r in m["sources"]] == [(38400, 3.0), (12800, 0.25)]
     assert plan.main([str(run), "--gpus", "1"]) == 0
     assert "synthetic 75.0%, organic 25.0%" in capsys.readouterr().out
+
+
+def test_comm_volume_and_time_by_hand():
+    """1e9 params (2 GB in bf16), 16 H100s (two nodes: InfiniBand, 50 GB/s per GPU), grad accumulation 2; a ring
+    moves 15/16 of the payload through every GPU."""
+    psi, nd, accum = 10**9, 16, 2
+    ring_gb = 15 / 16 * 2.0  # GB per collective
+    z3 = plan.comm_volume(psi, 3, nd, accum)  # per micro-step: 2 all-gathers (fwd, bwd) + 1 reduce-scatter
+    assert z3["param_all_gather"] == pytest.approx(2 * 2 * ring_gb * 1e9)  # 7.5 GB
+    assert z3["grad_reduce_scatter"] == pytest.approx(2 * ring_gb * 1e9)  # 3.75 GB
+    assert plan.comm_volume(psi, 2, nd, accum) == pytest.approx({"param_all_gather": ring_gb * 1e9,
+                                                                 "grad_reduce_scatter": 2 * ring_gb * 1e9})
+    assert plan.comm_volume(psi, 1, nd, accum) == pytest.approx({"param_all_gather": ring_gb * 1e9,
+                                                                 "grad_reduce_scatter": ring_gb * 1e9})
+    assert plan.comm_volume(psi, 0, nd, accum) == pytest.approx({"grad_all_reduce": 2 * ring_gb * 1e9})
+
+    t = plan.comm_time(psi, 3, nd, accum, "h100-80gb", compute_s=0.1, overlap=True)
+    assert t["bandwidth_bytes_per_s"] == 50e9 and "InfiniBand" in t["link"]
+    assert t["comm_s"] == pytest.approx(11.25 / 50)  # 0.225 s
+    assert t["exposed_s"] == pytest.approx(0.225 - 0.1)  # overlap hides up to the step's compute
+    assert plan.comm_time(psi, 3, nd, accum, "h100-80gb", 1.0, True)["exposed_s"] == 0.0  # all hidden
+    assert plan.comm_time(psi, 3, nd, accum, "h100-80gb", 0.1, False)["exposed_s"] == pytest.approx(0.225)
+    # ZeRO-0: 3.75 GB all-reduce at the boundary = 0.075 s; overlap could hide only the last micro-step's backward
+    z0 = plan.comm_time(psi, 0, nd, accum, "h100-80gb", compute_s=0.06, overlap=True)
+    assert z0["comm_s"] == pytest.approx(0.075) and z0["hideable_s"] == pytest.approx(0.06 / 2 * 2 / 3)
+    assert z0["exposed_s"] == pytest.approx(0.075 - 0.02)
+    # one node: NVLink at 450 GB/s, ring 7/8; one GPU: nothing to communicate
+    one_node = plan.comm_time(psi, 3, 8, 1, "h100-80gb", 0.0, True)
+    assert one_node["comm_s"] == pytest.approx(3 * 7 / 8 * 2e9 / 450e9) and "NVLink" in one_node["link"]
+    assert plan.comm_time(psi, 3, 1, 4, "h100-80gb", 0.0, True)["comm_s"] == 0.0
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+@pytest.mark.parametrize("gpus", [8, 64, 1920])
+def test_days_with_comm_never_below_compute_only(tmp_path, zero, gpus):
+    cfg = load_config(stage_config(tmp_path, deepspeed={"zero_stage": zero}))
+    p = plan.plan_stage(cfg, plan.Hardware("h100-80gb", gpus, 0.4, 4.0))
+    assert p["comm"]["comm_s"] > 0 and p["days_with_comm"] >= p["days"]
+    assert p["step_time_with_comm_s"] == pytest.approx(p["step_time_s"] + p["comm"]["exposed_s"])
+    assert p["days_with_comm"] == pytest.approx(p["steps"] * p["step_time_with_comm_s"] / 86400)
+    assert p["comm"]["overlap_comm"] == (zero == 3)  # the derived defaults: on for ZeRO-3 only
+    if zero != 3:  # no overlap: all of it is exposed
+        assert p["comm"]["exposed_s"] == p["comm"]["comm_s"]
+
+
+def test_14b_pretrain_comm_at_1920_gpus(tmp_path):
+    """ZeRO-3, 14.66B params, global 5760 / micro 1 / 1920 GPUs = 3 micro-steps: 3 x 3 x 1919/1920 x 29.3 GB over
+    50 GB/s = 5.27 s per step, more than the 2.95 s of compute at 40% MFU, so 2.33 s stays exposed; and the
+    ZeRO-3 buckets of hidden size 5120 in the memory table (2 bytes x (h^2 + 0.9 h^2))."""
+    rc, out = run_cli([stage_config(tmp_path), "--gpus", 1920, "--json"])
+    p = json.loads(out)
+    assert p["parameters"] == PHI4_PARAMS and p["grad_accum_steps"] == 3
+    expected = 9 * 1919 / 1920 * 2 * PHI4_PARAMS / 50e9
+    assert p["comm"]["comm_s"] == pytest.approx(expected) and 5.2 < expected < 5.3
+    assert p["comm"]["exposed_s"] == pytest.approx(expected - p["step_time_s"])
+    assert p["step_time_with_comm_s"] == pytest.approx(expected)  # communication-bound
+    assert p["days_with_comm"] > 1.7 * p["days"]
+    assert p["memory_bytes"]["comm_buckets"] == 2 * (5120**2 + int(0.9 * 5120**2))
+    rc, out = run_cli([stage_config(tmp_path), "--gpus", 1920])
+    assert rc == 0 and "communication per step: param all gather 175.8 GB, grad reduce scatter 87.9 GB" in out
+    assert f"with communication: step {expected:.2f} s, {p['days_with_comm']:.2f} days (compute only " \
+           f"{p['days']:.2f})" in out

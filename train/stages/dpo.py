@@ -15,7 +15,7 @@ from data.post_mixture import dpo_share_warning, safety_share
 from train.config import ConfigError, RunConfig
 from train.stages.dpo_loss import completion_lengths, preference_loss, sequence_logps
 from train.stages.ref_cache import RefCacheError, prepare_reference
-from train.stages.sft import check_post_files
+from train.stages.sft import check_post_files, rank0_first
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def build(cfg: RunConfig, rank: int, world_size: int) -> DPOStage:
     """PairBatches for data.dpo_path (or one source), a weighted PairMixture (global pair ids) for data.dpo_sources."""
     from data.post_batches import dpo_batches
 
-    return DPOStage(cfg, dpo_batches(cfg.data, seq_len=cfg.train.seq_len, micro_batch=cfg.train.micro_batch,
-                                     global_batch=cfg.train.global_batch, rank=rank, world_size=world_size,
-                                     token_cache=Path(cfg.output_dir) / "dpo_tokens"))
+    cache = Path(cfg.output_dir) / "dpo_tokens"
+    return rank0_first(lambda: DPOStage(cfg, dpo_batches(
+        cfg.data, seq_len=cfg.train.seq_len, micro_batch=cfg.train.micro_batch, global_batch=cfg.train.global_batch,
+        rank=rank, world_size=world_size, token_cache=cache)), cache, rank, world_size)
