@@ -231,7 +231,62 @@ def run(cfg: PTSConfig) -> dict:
     return summary
 
 
-USAGE = "usage: python -m train.pts <config.yaml> [key=value ...]"
+USAGE = "usage: python -m train.pts <config.yaml> [key=value ...] [--shard I/N | --merge N]"
+
+
+def shard_output(output: str | os.PathLike, shard: int, num_shards: int) -> Path:
+    """Where shard I of N writes its pairs (and its .state.jsonl / .summary.json / .config.yaml beside them)."""
+    out = Path(output)
+    return out.with_name(f"{out.stem}.shard-{shard:05d}-of-{num_shards:05d}{out.suffix}")
+
+
+def merge(cfg: PTSConfig, num_shards: int) -> dict:
+    """The N shards' pairs in question order into `cfg.output` (what one process writes, pair for pair) and one
+    summary; a shard whose summary does not cover all its questions is named and nothing is written."""
+    questions = read_questions(cfg.questions)
+    if cfg.max_questions:
+        raise ValueError("--merge: max_questions must be 0 (a merge covers every question of every shard)")
+    pairs_by_question: dict[str, list[str]] = {}
+    done: dict[str, dict] = {}
+    for i in range(num_shards):
+        out = shard_output(cfg.output, i, num_shards)
+        summary_path = sidecar(out, ".summary.json")
+        expected = len(questions[i::num_shards])
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        if summary.get("questions_seen") != expected:
+            raise FileNotFoundError(f"--merge {num_shards}: shard {i} is not complete ({summary_path}: "
+                                    f"{summary.get('questions_seen', 0)} of {expected} questions); rerun it")
+        done.update(load_done(sidecar(out, ".state.jsonl")))
+        for line in out.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                pairs_by_question.setdefault(json.loads(line)["question_id"], []).append(line)
+    lines = [line for q in questions for line in pairs_by_question.get(q["id"], [])]
+    atomic_write(cfg.output, "".join(line + "\n" for line in lines))
+    summary = {**summarize(done, len(questions)), "shards": num_shards, "output": str(cfg.output)}
+    atomic_write(sidecar(cfg.output, ".summary.json"), json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _shard_args(argv: list[str]) -> tuple[list[str], tuple[int, int] | None, int | None]:
+    rest, shard, merge_n = [], None, None
+    it = iter(argv)
+    for a in it:
+        if a in ("--shard", "--merge"):
+            value = next(it, "")
+            if a == "--shard":
+                i, _, n = value.partition("/")
+                if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+                    raise ConfigError(f"--shard {value}: expected I/N with 0 <= I < N")
+                shard = (int(i), int(n))
+            elif value.isdigit() and int(value) >= 1:
+                merge_n = int(value)
+            else:
+                raise ConfigError(f"--merge {value}: expected the number of shards (>= 1)")
+        else:
+            rest.append(a)
+    if shard and merge_n:
+        raise ConfigError("--shard and --merge are separate jobs; give one")
+    return rest, shard, merge_n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,7 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE + "\n\n" + __doc__.split("\n\n")[1], file=sys.stderr)
         return 0 if argv else 2
     try:
-        cfg = load_config(argv[0], argv[1:], schema=PTSConfig)
+        rest, shard, merge_n = _shard_args(argv[1:])
+        cfg = load_config(argv[0], rest, schema=PTSConfig)
+        if merge_n:
+            print(json.dumps(merge(cfg, merge_n)), file=sys.stderr)
+            return 0
+        if shard:  # an array task: question k goes to shard k % N, into its own output
+            cfg.shard_index, cfg.num_shards = shard
+            cfg.output = str(shard_output(cfg.output, *shard))
         summary = run(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -143,3 +143,27 @@ def test_run_dir_of_the_trainer_loads_and_samples(tmp_path):
                  f"output={tmp_path / 'out' / 'pairs.jsonl'}", "max_new_tokens=8", "rollouts=4"]) == 0
     summary = json.loads((tmp_path / "out" / "pairs.summary.json").read_text())
     assert summary["questions_seen"] == 1 and summary["rollouts"] >= 4
+
+
+def test_shards_and_merge_equal_one_process(real_run_inputs, tmp_path):
+    """`--shard I/N` array tasks (question k -> shard k % N) and `--merge N` write what one process writes, pair for
+    pair: each question's sampling is seeded by its id, not by its place in a shard."""
+    root, _ = real_run_inputs
+    cfg = yaml.safe_load((root / "pts.yaml").read_text())
+    cfg["output"] = str(tmp_path / "one" / "pairs.jsonl")
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(cfg))
+    assert main([str(tmp_path / "one.yaml")]) == 0
+    cfg["output"] = str(tmp_path / "split" / "pairs.jsonl")
+    (tmp_path / "split.yaml").write_text(yaml.safe_dump(cfg))
+    assert main([str(tmp_path / "split.yaml"), "--merge", "2"]) == 2  # no shard has run yet: refused, named
+    for i in (1, 0):
+        assert main([str(tmp_path / "split.yaml"), "--shard", f"{i}/2"]) == 0
+    assert (tmp_path / "split" / "pairs.shard-00001-of-00002.jsonl").is_file()
+    assert main([str(tmp_path / "split.yaml"), "--merge", "2"]) == 0
+    one, merged = (tmp_path / "one" / "pairs.jsonl").read_bytes(), (tmp_path / "split" / "pairs.jsonl").read_bytes()
+    assert one == merged and one.strip()
+    s1 = json.loads((tmp_path / "one" / "pairs.summary.json").read_text())
+    s2 = json.loads((tmp_path / "split" / "pairs.summary.json").read_text())
+    for key in ("questions_selected", "questions_seen", "kept", "pairs_found", "rollouts"):
+        assert s1[key] == s2[key], key
+    assert main([str(tmp_path / "split.yaml"), "--shard", "2/2"]) == 2
