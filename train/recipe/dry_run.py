@@ -221,7 +221,8 @@ class DryRun:
         self.train_cfgs.append((n, cfg))
         self.produced.append(self.runner.stage_dir(n))
         self.rows.append({"name": n, "kind": f"{stage.kind}:{cfg.stage}", "gpus": gpus, "tokens": t.total_tokens,
-                          "steps": t.max_steps, "days": p["days"], "memory": need / GIB,
+                          "steps": t.max_steps, "days": p["days"], "days_comm": p["days_with_comm"],
+                          "memory": need / GIB,
                           "fits": p["fits"][p["configured"]], "seq_len": t.seq_len,
                           "context": cfg.model.max_seq_len, "rope_theta": cfg.model.rope_theta,
                           **stage_resources(self.recipe, stage)})
@@ -313,20 +314,23 @@ class DryRun:
 
 def format_rows(rows: list[dict]) -> str:
     head = (f"{'stage':11s} {'kind':15s} {'nodes':>5s} {'GPUs':>6s} {'tokens':>19s} {'steps':>8s} {'days':>6s} "
-            f"{'seq':>6s} {'context':>7s} {'theta':>7s}  memory/GPU")
+            f"{'+comm':>6s} {'seq':>6s} {'context':>7s} {'theta':>7s}  memory/GPU")
     lines = [head]
     for r in rows:
         if "steps" not in r:
             ctx = f"{r['context']:7,d}" if r.get("context") else f"{'':7s}"
             lines.append(f"{r['name']:11s} {r['kind']:15s} {r.get('nodes', '') or '':>5} {'':6s} {'':19s} {'':8s} "
-                         f"{'':6s} {'':6s} {ctx}")
+                         f"{'':6s} {'':6s} {'':6s} {ctx}")
             continue
         lines.append(f"{r['name']:11s} {r['kind']:15s} {r['nodes'] or '':>5} {r['gpus']:6,d} {r['tokens']:19,d} "
-                     f"{r['steps']:8,d} {r['days']:6.2f} {r['seq_len']:6,d} {r['context']:7,d} {r['rope_theta']:7g}  "
+                     f"{r['steps']:8,d} {r['days']:6.2f} {r['days_comm']:6.2f} {r['seq_len']:6,d} {r['context']:7,d} "
+                     f"{r['rope_theta']:7g}  "
                      f"{r['memory']:.1f} GiB {'fits' if r['fits'] else 'DOES NOT FIT'}")
-    days = sum(r.get("days", 0.0) for r in rows)
+    days, days_comm = sum(r.get("days", 0.0) for r in rows), sum(r.get("days_comm", 0.0) for r in rows)
     lines.append(f"{'total':11s} {'':15s} {'':5s} {'':6s} {sum(r.get('tokens', 0) for r in rows):19,d} {'':8s} "
-                 f"{days:6.2f}")
+                 f"{days:6.2f} {days_comm:6.2f}")
+    lines.append("days: compute only at the MFU above; +comm: with the communication overlap_comm cannot hide "
+                 "(train/plan.py INTERCONNECT: its bandwidths are ASSUMPTIONs)")
     return "\n".join(lines)
 
 
