@@ -1,0 +1,97 @@
+"""Decontamination as a Slurm array on the real test cluster (.ci/slurm-up.sh: nodes n1 and n2).
+
+slurm/submit_data_array.sh submits N shards (slurm/data_array.sbatch, one array task each, `python -m
+data.decontaminate CONFIG --shard i/N`) and the merge after them (afterok + kill-on-invalid-dep). What is checked: one
+task per node, the merge after both, and its outputs and report byte for byte those of one process run here with the
+same config. Skips without a cluster, unless PHI4_REQUIRE_SLURM=1 (CI) makes that a failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.data.test_decontaminate_batch import BOILER, _outputs, _sharded_inputs
+from tests.helpers.slurm import REPO, TEST_SBATCH_OPTS, cancel, cluster_problem, wait_done
+from tests.slurm.test_synth_array import wait_array
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+JOB_TIMEOUT_S = 300
+N = 2
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PHI4_PYTHON": sys.executable}
+SUBMIT = REPO / "slurm" / "submit_data_array.sh"
+OPTS = [o for o in TEST_SBATCH_OPTS if not o.startswith("--signal")]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    problem = cluster_problem()
+    if problem:
+        if os.environ.get("PHI4_REQUIRE_SLURM") == "1":
+            pytest.fail(f"PHI4_REQUIRE_SLURM=1 but no usable Slurm cluster: {problem}")
+        pytest.skip(problem)
+
+
+def _config(root: Path) -> Path:
+    bench, data = _sharded_inputs(root)
+    config = root / "decon.yaml"
+    config.write_text(json.dumps({"inputs": [str(data)], "output_dir": str(root / "out"), "on_error": "skip",
+                                  "allowlist": [BOILER], "max_examples": 50,
+                                  "benchmarks": [{"name": "b", "path": bench, "fields": ["q"]}]}))
+    return config
+
+
+def test_dry_run_prints_the_array_and_the_dependent_merge(tmp_path):
+    config = _config(tmp_path)
+    proc = subprocess.run(["bash", str(SUBMIT), "--dry-run", "--throttle", "3", "data.decontaminate", str(config),
+                           "8", "--partition=p", "--", "max_examples=5"], cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    array, merge = proc.stdout.splitlines()
+    assert array.startswith("sbatch --parsable --array=0-7%3 ") and "--partition=p" in array, array
+    assert array.endswith(f"slurm/data_array.sbatch --module data.decontaminate --num-shards 8 {config} "
+                          f"max_examples=5 "), array
+    assert "--dependency=afterok:" in merge and "--kill-on-invalid-dep=yes" in merge, merge
+    assert "-m\\ data.decontaminate\\ " in merge and "max_examples=5\\ --merge\\ 8" in merge, merge
+    bad = subprocess.run(["bash", str(SUBMIT), "--dry-run", "data.decontaminate", str(config), "2", "--",
+                          "bogus_key=1"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "configuration error" in bad.stderr and "sbatch" not in bad.stdout, bad
+
+
+def test_array_and_merge_write_what_one_process_writes(tmp_path, cluster):
+    config = _config(tmp_path)
+    out = tmp_path / "out"
+    local = subprocess.run([sys.executable, "-m", "data.decontaminate", str(config)], cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr
+    expected = _outputs(out)
+    assert json.loads(expected["decontamination_report.json"])["totals"]["contaminated"] > 0
+    shutil.rmtree(out)
+    proc = subprocess.run(["bash", str(SUBMIT), "data.decontaminate", str(config), str(N), *OPTS], cwd=tmp_path,
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    array = int(re.search(r"^shards: array job (\d+) ", proc.stdout, re.M)[1])
+    merge = int(re.search(rf"^merge: job (\d+) after {array} ", proc.stdout, re.M)[1])
+    try:
+        tasks = wait_array(array, set(range(N)), JOB_TIMEOUT_S)
+        merged = wait_done(merge, JOB_TIMEOUT_S)
+    finally:
+        cancel(array)
+        cancel(merge)
+    logs = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("phi4-data-*")))
+    assert all(t["JobState"] == "COMPLETED" and t["ExitCode"] == "0:0" for t in tasks.values()), (tasks, logs)
+    assert {t["NodeList"] for t in tasks.values()} == {"n1", "n2"}, tasks  # one task per node
+    assert merged["JobState"] == "COMPLETED", (merged, logs)
+    last_shard = max(datetime.fromisoformat(t["EndTime"]) for t in tasks.values())
+    assert datetime.fromisoformat(merged["StartTime"]) >= last_shard  # afterok: the merge waited for both
+    assert {p.name for p in (out / "parts" / f"of-{N:05d}").glob("*.done.json")} == {
+        f"part-{i:05d}.done.json" for i in range(N)}
+    assert _outputs(out) == expected  # every output and the report, byte for byte
