@@ -3,7 +3,8 @@
 Each source is read in a fixed order (data/sources.py), tokenized with the Phi-4 tokenizer in a thread pool (tiktoken
 releases the GIL while it encodes), terminated with eod 100257 and written to `<output_dir>/<name>/` (data/shards.py).
 An interrupted run resumes from its completed shards; a complete output is only verified. `--bench` measures this
-path against raw tiktoken on the same text and cores.
+path against raw tiktoken on the same text and cores. `--shard I/N` and `--merge N` split the work over a Slurm array
+(prepare_shard, merge_shards): the merged output is byte-identical to a one-process run.
 """
 from __future__ import annotations
 
@@ -157,10 +158,12 @@ def source_inputs(src: PrepareSource, key: str = "") -> list[Path]:
 
 
 def prepare_source(src: PrepareSource, output_dir: str | Path, tok, num_workers: int = 0, overwrite: bool = False,
-                   progress: bool = True, log=print, files: list[Path] | None = None) -> dict:
+                   progress: bool = True, log=print, files: list[Path] | None = None,
+                   allow_empty: bool = False) -> dict:
     """Tokenize one source into `<output_dir>/<name>/`; returns its manifest. Resumes; a complete output is verified.
 
-    files: the source's inputs as `source_inputs` listed them (listed here when None)."""
+    files: the source's inputs as `source_inputs` listed them (listed here when None). allow_empty: a source with no
+    usable document gets a manifest of 0 documents instead of an error (one input file of a --shard task)."""
     out_dir = Path(output_dir) / src.name
     files = source_inputs(src) if files is None else files
     inputs = _input_descriptions(files)
@@ -206,7 +209,7 @@ def prepare_source(src: PrepareSource, output_dir: str | Path, tok, num_workers:
     finally:
         if bar is not None:
             bar.close()
-    if writer.num_docs == 0:
+    if writer.num_docs == 0 and not allow_empty:
         writer.abort()
         raise PrepareError(f"source '{src.name}': no usable document in {src.input_paths()} "
                            f"(skipped: {dict(skipped) or 'none'})")
@@ -250,6 +253,72 @@ def prepare(cfg: PrepareConfig, log=print) -> dict[str, dict]:
     tok = Phi4Tokenizer(cfg.tokenizer_path or None)
     return {s.name: prepare_source(s, cfg.output_dir, tok, cfg.num_workers, cfg.overwrite, cfg.progress, log, f)
             for s, f in zip(cfg.sources, files, strict=True)}
+
+
+# ---- a Slurm array: one task per slice of the input files, then one merge ----------------------------------------
+
+def _part_dir(cfg: PrepareConfig, src: PrepareSource, k: int) -> Path:
+    return Path(cfg.output_dir) / ".parts" / src.name / f"{src.name}.{k:06d}"
+
+
+def prepare_shard(cfg: PrepareConfig, shard: int, num_shards: int, log=print) -> None:
+    """Array task `shard` of `num_shards`: every input file g (numbered over all sources in config order) with
+    g % num_shards == shard, each tokenized into its own part `<output_dir>/.parts/<source>/<source>.<k>/` (its
+    manifest is the part's completion marker: a rerun verifies finished parts and does the rest)."""
+    from data.tokenizer import Phi4Tokenizer
+
+    files = [source_inputs(s, f"sources[{i}]") for i, s in enumerate(cfg.sources)]
+    tok = Phi4Tokenizer(cfg.tokenizer_path or None)
+    g = 0
+    for src, src_files in zip(cfg.sources, files):
+        for k, path in enumerate(src_files):
+            if g % num_shards == shard:
+                part = PrepareSource(**{**src.__dict__, "name": _part_dir(cfg, src, k).name, "path": str(path),
+                                        "paths": []})
+                prepare_source(part, _part_dir(cfg, src, k).parent, tok, cfg.num_workers, True, cfg.progress, log,
+                               [path], allow_empty=True)
+            g += 1
+
+
+def merge_shards(cfg: PrepareConfig, num_shards: int, log=print) -> dict[str, dict]:
+    """Every source's parts replayed in input order into `<output_dir>/<source>/`: the same documents into the same
+    ShardWriter, so the shards and manifest are byte for byte those of one process. A missing part is named."""
+    from data.tokenizer import Phi4Tokenizer
+
+    files = [source_inputs(s, f"sources[{i}]") for i, s in enumerate(cfg.sources)]
+    missing = [str(_part_dir(cfg, s, k)) for s, fs in zip(cfg.sources, files) for k in range(len(fs))
+               if not (_part_dir(cfg, s, k) / MANIFEST).is_file()]
+    if missing:
+        raise PrepareError(f"--merge {num_shards}: {len(missing)} input file(s) not prepared yet, e.g. {missing[:3]}; "
+                           "rerun their --shard tasks")
+    tok = Phi4Tokenizer(cfg.tokenizer_path or None)
+    out = {}
+    for src, src_files in zip(cfg.sources, files):
+        extra = {"name": src.name, "provenance": src.provenance, "kind": src.kind, "text_field": src.field_name(),
+                 "eod": tok.eod_id}
+        writer = ShardWriter(Path(cfg.output_dir) / src.name, src.name, src.provenance, tok.fingerprint,
+                             shard_tokens=src.shard_tokens, inputs=_input_descriptions(src_files), settings=extra)
+        skipped: Counter = Counter()
+        try:
+            for k in range(len(src_files)):
+                part = _part_dir(cfg, src, k)
+                manifest = read_json(part / MANIFEST)
+                skipped.update(manifest.get("skipped", {}))
+                if manifest["num_docs"]:
+                    docs = ShardedSource(part, verify="checksum", expect_tokenizer=tok.fingerprint)
+                    for i in range(len(docs)):
+                        writer.add(docs.doc(i))
+        except BaseException:
+            writer.abort()
+            raise
+        if writer.num_docs == 0:
+            writer.abort()
+            raise PrepareError(f"source '{src.name}': no usable document in {src.input_paths()} "
+                               f"(skipped: {dict(skipped) or 'none'})")
+        out[src.name] = writer.close(skipped=dict(sorted(skipped.items())))
+        log(f"{src.name}: merged {len(src_files)} part(s): {out[src.name]['num_docs']} documents, "
+            f"{out[src.name]['num_tokens']} tokens")
+    return out
 
 
 def measure_throughput(texts: list[str], num_workers: int = 0, workdir: str | Path | None = None,
@@ -306,10 +375,30 @@ def _bench_texts(path: str, max_bytes: int) -> list[str]:
     return texts
 
 
+def _array_flags(args: list[str]) -> tuple[list[str], tuple[int, int] | None, int | None]:
+    rest, shard, merge_n = [], None, None
+    it = iter(args)
+    for a in it:
+        if a in ("--shard", "--merge"):
+            value = next(it, "")
+            i, _, n = value.partition("/")
+            if a == "--shard" and i.isdigit() and n.isdigit() and int(i) < int(n):
+                shard = (int(i), int(n))
+            elif a == "--merge" and value.isdigit() and int(value) >= 1:
+                merge_n = int(value)
+            else:
+                raise ValueError(f"{a} {value}: expected {'I/N with 0 <= I < N' if a == '--shard' else 'N >= 1'}")
+        else:
+            rest.append(a)
+    if shard and merge_n:
+        raise ValueError("--shard and --merge are separate jobs; give one")
+    return rest, shard, merge_n
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        print(__doc__ + "\nusage: python -m data.prepare <config.yaml> [key=value ...]\n"
+        print(__doc__ + "\nusage: python -m data.prepare <config.yaml> [key=value ...] [--shard I/N | --merge N]\n"
               "       python -m data.prepare --bench <folder-or-jsonl> [workers=N] [mb=20] [repeats=3]")
         return 0 if args else 2
     try:
@@ -324,7 +413,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"M tok/s\ndata.prepare (read+tokenize+write): {r['prepare_tokens_per_s'] / 1e6:.2f} M tok/s\n"
                   f"ratio: {r['ratio']:.3f} (target >= 0.9); CPU-seconds ratio {r['cpu_ratio']:.3f}")
             return 0
-        prepare(load_typed(args[0], args[1:], schema=PrepareConfig))
+        rest, shard, merge_n = _array_flags(args[1:])
+        cfg = load_typed(args[0], rest, schema=PrepareConfig)
+        if shard:
+            prepare_shard(cfg, *shard)
+        elif merge_n:
+            merge_shards(cfg, merge_n)
+        else:
+            prepare(cfg)
     except (PrepareError, SourceError, ShardError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

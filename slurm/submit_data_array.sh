@@ -4,7 +4,9 @@
 #   slurm/submit_data_array.sh [--dry-run] [--throttle K] [--only LIST] <module> <config.yaml> <N> \
 #                              [sbatch option ...] [-- key=value ...]
 #
-#   module      data.decontaminate (a stage with --shard I/N and --merge N)
+#   module      data.decontaminate or data.prepare (the stages with --shard I/N and --merge N; data.prepare splits
+#               the input files over the tasks, one part per file under <output_dir>/.parts/, and its merge replays
+#               them into the same shards one process writes)
 #   array job   slurm/data_array.sbatch, --array=0-(N-1) (or LIST): task i runs
 #               `python -m <module> <config> [key=value ...] --shard i/N` -> its part and completion marker
 #               (data.decontaminate: <output_dir>/parts/of-<NNNNN>/part-<iiiii>.*). One CPU task each (#SBATCH defaults
@@ -45,7 +47,8 @@ done
 module="$1"; config="$2"; n="$3"; shift 3
 case "$module" in
     data.decontaminate) schema="data.decontaminate:DecontaminateConfig" ;;
-    *) echo "module '$module': expected data.decontaminate" >&2; exit 2 ;;
+    data.prepare) schema="data.prepare:PrepareConfig" ;;
+    *) echo "module '$module': expected data.decontaminate or data.prepare" >&2; exit 2 ;;
 esac
 opts=()
 while [ $# -gt 0 ] && [ "$1" != -- ]; do opts+=("$1"); shift; done

@@ -95,3 +95,36 @@ def test_array_and_merge_write_what_one_process_writes(tmp_path, cluster):
     assert {p.name for p in (out / "parts" / f"of-{N:05d}").glob("*.done.json")} == {
         f"part-{i:05d}.done.json" for i in range(N)}
     assert _outputs(out) == expected  # every output and the report, byte for byte
+
+
+def test_prepare_array_and_merge_write_the_shards_one_process_writes(tmp_path, cluster):
+    """data.prepare through the same scripts: input files split over two tasks on two nodes, the merge after them,
+    shards and manifests byte for byte those of `python -m data.prepare` run here."""
+    import yaml
+
+    from tests.data.test_prepare_array import _files, _inputs
+
+    cfg = _inputs(tmp_path / "in")
+    raw = {"output_dir": str(tmp_path / "one"), "progress": False,
+           "sources": [dict(s.__dict__) for s in cfg.sources]}
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "array.yaml").write_text(yaml.safe_dump({**raw, "output_dir": str(tmp_path / "array")}))
+    local = subprocess.run([sys.executable, "-m", "data.prepare", str(tmp_path / "one.yaml")], cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr
+    proc = subprocess.run(["bash", str(SUBMIT), "data.prepare", str(tmp_path / "array.yaml"), str(N), *OPTS],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    array = int(re.search(r"^shards: array job (\d+) ", proc.stdout, re.M)[1])
+    merge = int(re.search(rf"^merge: job (\d+) after {array} ", proc.stdout, re.M)[1])
+    try:
+        tasks = wait_array(array, set(range(N)), JOB_TIMEOUT_S)
+        merged = wait_done(merge, JOB_TIMEOUT_S)
+    finally:
+        cancel(array)
+        cancel(merge)
+    logs = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("phi4-data-*")))
+    assert all(t["JobState"] == "COMPLETED" and t["ExitCode"] == "0:0" for t in tasks.values()), (tasks, logs)
+    assert {t["NodeList"] for t in tasks.values()} == {"n1", "n2"} and merged["JobState"] == "COMPLETED", logs
+    one, got = _files(tmp_path / "one"), _files(tmp_path / "array")
+    assert one == got and any(k.endswith("manifest.json") for k in one)
