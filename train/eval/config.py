@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from data.config import PROVENANCES
 from train.config import ConfigError, WandbConfig
+from train.eval.benchmarks import GENERATIVE_SOURCES, MULTIPLE_CHOICE_SOURCES
 
 
 PRIMARY = ("acc", "acc_norm", "per_token")
@@ -25,6 +27,16 @@ class MultipleChoiceTask:
     # lm-evaluation-harness defines them | per_token (our per-token mean, reported as acc_per_token)
     primary: str = "acc_norm"
     limit: int = 0  # 0 = every item
+    # jsonl: `path` holds the rows above | a benchmark's own published files (train/eval/benchmarks.py): `path` is
+    # the dataset's local directory (Hugging Face layout) or one of its files, read at `split`
+    source: str = "jsonl"
+    split: str = "test"
+    # with a benchmark source: the split the shots come from (of fewshot_path, else of path), e.g. dev (MMLU);
+    # empty = the first k rows of `split` (then not scored)
+    fewshot_split: str = ""
+    # the paper's number for exactly this protocol (shots, scoring, model kind); shown beside ours in the recipe
+    # summary; unset where the paper reports none for it
+    paper_score: Optional[float] = None
 
 
 @dataclass
@@ -33,12 +45,24 @@ class GenerativeTask:
     path: str = ""  # jsonl rows {"question" or "messages", "answer", "oracle"?: math|code, "tests"?}
     k_shot: int = 0
     fewshot_path: str = ""  # rows with "question" and "solution" (or "answer"); empty = first k rows of `path`
-    prompt: str = "plain"  # plain few-shot text (base models) | chat (the chat template; chat models)
+    # plain few-shot text (base models) | chat (the chat template; chat models) | completion (the item's text as it
+    # is, shots joined before it: HumanEval's function prompt, completed by a base model)
+    prompt: str = "plain"
     temperature: float = 0.0  # 0 = greedy; simple-evals use 0.5
     top_p: float = 1.0
     max_new_tokens: int = 256
     num_samples: int = 1  # completions per item; accuracy is averaged over them
     limit: int = 0
+    # jsonl: `path` holds the rows above | a benchmark's own published files (train/eval/benchmarks.py): `path` is
+    # the dataset's local directory (Hugging Face layout) or one of its files, read at `split`
+    source: str = "jsonl"
+    split: str = "test"
+    # with a benchmark source: the split the shots come from (of fewshot_path, else of path), e.g. dev (MMLU);
+    # empty = the first k rows of `split` (then not scored)
+    fewshot_split: str = ""
+    # the paper's number for exactly this protocol (shots, scoring, model kind); shown beside ours in the recipe
+    # summary; unset where the paper reports none for it
+    paper_score: Optional[float] = None
 
 
 @dataclass
@@ -92,7 +116,10 @@ class EvalConfig:
                                   f"{RENAMED_PRIMARY[t.primary]!r} (the metric is now called "
                                   f"{'acc' if t.primary == 'sum' else 'acc_per_token'})")
         choices += [(f"multiple_choice[{i}].primary", t.primary, PRIMARY) for i, t in enumerate(mc)]
-        choices += [(f"generative[{i}].prompt", t.prompt, ("plain", "chat")) for i, t in enumerate(gen)]
+        choices += [(f"generative[{i}].prompt", t.prompt, ("plain", "chat", "completion")) for i, t in enumerate(gen)]
+        choices += [(f"multiple_choice[{i}].source", t.source, ("jsonl",) + MULTIPLE_CHOICE_SOURCES)
+                    for i, t in enumerate(mc)]
+        choices += [(f"generative[{i}].source", t.source, ("jsonl",) + GENERATIVE_SOURCES) for i, t in enumerate(gen)]
         choices += [(f"perplexity[{i}].provenance", t.provenance, ("",) + PROVENANCES) for i, t in enumerate(ppl)]
         for key, value, allowed in choices:
             if value not in allowed:
@@ -108,10 +135,17 @@ class EvalConfig:
             names = [t.name for t in tasks]
             if len(set(names)) != len(names) or not all(names) or not all(t.path for t in tasks):
                 raise ConfigError(f"eval config: every {section} entry needs a unique name and a path; got {names}")
+        for section, tasks in (("multiple_choice", mc), ("generative", gen)):
+            for i, t in enumerate(tasks):
+                if t.source == "jsonl" and t.fewshot_split:
+                    raise ConfigError(f"eval config: {section}[{i}] ({t.name}).fewshot_split={t.fewshot_split!r} "
+                                      f"needs a benchmark source (source=jsonl reads fewshot_path as it is)")
+                if not t.split:
+                    raise ConfigError(f"eval config: {section}[{i}] ({t.name}).split is empty")
         for i, t in enumerate(mc):
-            if t.format == "mmlu" and t.k_shot and not t.fewshot_path:
+            if t.format == "mmlu" and t.k_shot and not (t.fewshot_path or (t.source != "jsonl" and t.fewshot_split)):
                 raise ConfigError(f"eval config: multiple_choice[{i}] ({t.name}): format=mmlu takes its shots from the "
-                                  f"dev split: set fewshot_path")
+                                  f"dev split: set fewshot_path (or, with a benchmark source, fewshot_split: dev)")
         for i, t in enumerate(gen):
             if t.temperature < 0 or t.top_p > 1:
                 raise ConfigError(f"eval config: generative[{i}]: temperature={t.temperature} must be >= 0 and "

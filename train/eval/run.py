@@ -1,11 +1,14 @@
 """Evaluation of a checkpoint, a run or an exported Hugging Face directory: `python -m train.eval <config.yaml> [k=v]`.
 
-Tasks (Phi-4 report §3 and §5), each on jsonl files, each giving one result record:
+Tasks (Phi-4 report §3 and §5), each giving one result record, on jsonl files of our schema or, with a task's
+`source`, on a benchmark's own published files (MMLU, ARC, GSM8K, MATH, TriviaQA, MBPP, HumanEval in their Hugging
+Face layouts; `train/eval/benchmarks.py`):
 - multiple choice by log-likelihood, k-shot (MMLU / ARC style): every choice is scored by the sum of its tokens'
   log-probs after the prompt; reported as lm-evaluation-harness's `acc` (sum) and `acc_norm` (sum per character of
   the choice), and as `acc_per_token` (sum per token, ours); `primary` picks which one `accuracy` repeats;
 - generative few-shot (GSM8K / MATH style): greedy or sampled completions, plain few-shot text (base models) or the
-  chat template (chat models), checked by `data.verify.answers` (answer match; unit tests in the sandbox for code items);
+  chat template (chat models), or a prompt completed as it is (HumanEval), checked by `data.verify.answers` (answer
+  match; exact match with any alias for TriviaQA; unit tests in the sandbox for code items);
 - perplexity per source (prepared shards or jsonl text), token-weighted, and aggregated per provenance
   (synthetic vs organic): each document is scored alone, in windows of seq_len, every token after its first once;
 - long-context JSON key-value recall (HELMET's recall task): a JSON object of random UUID pairs filling exactly the
@@ -35,7 +38,7 @@ from train.config import ConfigError, load_config, to_dict
 from train.distributed import DTYPES, resolve_device, resolve_precision
 from train.eval.config import EvalConfig
 from train.eval.recall import eval_recall
-from train.eval.tasks import eval_generative, eval_multiple_choice, eval_perplexity
+from train.eval.tasks import eval_generative, eval_multiple_choice, eval_perplexity, task_rows
 
 log = logging.getLogger("eval")
 
@@ -55,7 +58,10 @@ def run_tasks(model, tok, cfg: EvalConfig, device) -> list[dict]:
                [(eval_generative, t) for t in cfg.generative]
         for fn, task in jobs:
             t0 = time.perf_counter()
-            records.append({**fn(model, tok, task, cfg, device), "time_s": time.perf_counter() - t0})
+            record = {**fn(model, tok, task, cfg, device), "time_s": time.perf_counter() - t0}
+            if task.paper_score is not None:  # the paper's number for this protocol, for the recipe summary
+                record["paper_score"] = task.paper_score
+            records.append(record)
         if cfg.perplexity:
             records += eval_perplexity(model, tok, cfg.perplexity, cfg, device)
         if cfg.recall.lengths:
@@ -85,11 +91,10 @@ def check_inputs(cfg: EvalConfig) -> None:
         for i, t in enumerate(getattr(cfg, section)):
             for key in ("path", "fewshot_path"):
                 p = getattr(t, key, "")
-                if p and not Path(p).exists():
+                if p and not Path(p).exists() and getattr(t, "source", "jsonl") == "jsonl":  # else: the layout named
                     raise ConfigError(f"{section}[{i}] ({t.name}).{key}={p!r} does not exist")
-            if section != "perplexity":
-                for _ in read_jsonl(t.path, keys):
-                    pass
+            if section != "perplexity":  # every file read once, so a bad row or a missing split fails here
+                task_rows(t, keys, shots=getattr(t, "k_shot", 0) > 0)
             elif not Path(t.path).is_dir():
                 for _ in read_jsonl(t.path, (t.text_field,)):
                     pass
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.output_dir:
             raise ConfigError(f"{args[0]}: output_dir is empty")
         check_inputs(cfg)
-    except (ConfigError, JsonlError, ValueError) as e:
+    except (ConfigError, JsonlError, ValueError) as e:  # BenchmarkError is a ValueError
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     device = resolve_device(cfg.device)

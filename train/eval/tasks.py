@@ -14,12 +14,14 @@ import numpy as np
 import torch
 
 from data.verify.answers import check_answer, check_code_many, extract_answer
+from data.verify.sandbox import run_python_many
 from data.fileio import read_jsonl as iter_jsonl
 from data.tokenizer import EOD_ID, EOS_ID, IGNORE_INDEX, PAD_ID
 from model.generate import generate
 from model.transformer import Transformer
 from train.config import ConfigError
 from train.distributed import is_zero3
+from train.eval.benchmarks import check_alias, cut_completion, load_benchmark
 from train.eval.config import EvalConfig, GenerativeTask, MultipleChoiceTask, PerplexitySource
 
 log = logging.getLogger("eval")
@@ -31,15 +33,38 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
     return [row for _, row in iter_jsonl(path, required)]
 
 
-def _shots_and_items(path: str, fewshot_path: str, k: int, limit: int, required) -> tuple[list[dict], list[dict]]:
-    items = read_jsonl(path, required)
-    pool = read_jsonl(fewshot_path) if fewshot_path else items
-    if len(pool) < k:
-        raise ValueError(f"{fewshot_path or path}: {len(pool)} rows, fewer than k_shot={k}")
-    shots = pool[:k]
-    if not fewshot_path:
-        items = items[k:]  # shots drawn from the evaluation file are not scored
-    return shots, items[:limit] if limit else items
+def task_rows(task, required: tuple[str, ...] = (), shots: bool = True) -> tuple[list[dict], list[dict] | None]:
+    """(the scored split's rows, the few-shot pool, or None when the shots are the first rows of the scored split; []
+    when `shots` is False): jsonl files as they are, or a benchmark's published files (`source`, see
+    train/eval/benchmarks.py; the pool is `fewshot_split` of fewshot_path or path, else `split` of fewshot_path)."""
+    if task.source == "jsonl":
+        items = read_jsonl(task.path, required)
+        pool = read_jsonl(task.fewshot_path) if task.fewshot_path and shots else None
+    else:
+        items = load_benchmark(task.source, task.path, task.split)
+        pool = None
+        if shots and task.fewshot_split:
+            pool = load_benchmark(task.source, task.fewshot_path or task.path, task.fewshot_split)
+        elif shots and task.fewshot_path:
+            pool = load_benchmark(task.source, task.fewshot_path, task.split)
+    return items, (pool if shots else [])
+
+
+def fewshot_where(task) -> str:
+    """Where a task's shots come from, for messages."""
+    if task.fewshot_split:
+        return f"{task.fewshot_path or task.path} (split {task.fewshot_split})"
+    return task.fewshot_path or task.path
+
+
+def _shots_and_items(task, required) -> tuple[list[dict], list[dict]]:
+    items, pool = task_rows(task, required, shots=task.k_shot > 0)
+    source = items if pool is None else pool
+    if len(source) < task.k_shot:
+        raise ValueError(f"{fewshot_where(task)}: {len(source)} rows, fewer than k_shot={task.k_shot}")
+    if pool is None:
+        items = items[task.k_shot:]  # shots drawn from the evaluation split are not scored
+    return source[:task.k_shot], items[:task.limit] if task.limit else items
 
 
 def _max_len(model, cfg: EvalConfig) -> int:
@@ -144,16 +169,14 @@ def mc_predictions(logprobs: list[float], tokens: list[int], continuations: list
 
 def eval_multiple_choice(model, tok, task: MultipleChoiceTask, cfg: EvalConfig, device) -> dict:
     if task.format == "mmlu":  # shots per subject, from the dev split (fewshot_path), never from the scored rows
-        items = read_jsonl(task.path, ("question", "choices", "answer"))
+        items, pool = task_rows(task, ("question", "choices", "answer"), shots=task.k_shot > 0)
         items = items[:task.limit] if task.limit else items
-        pool = read_jsonl(task.fewshot_path) if task.k_shot else []
     else:
-        shots, items = _shots_and_items(task.path, task.fewshot_path, task.k_shot, task.limit,
-                                        ("question", "choices", "answer"))
+        shots, items = _shots_and_items(task, ("question", "choices", "answer"))
     requests, owner, item_conts = [], [], []
     for n, item in enumerate(items):
         if task.format == "mmlu":
-            shots = mmlu_shots(item, pool, task.k_shot, task.subject, task.fewshot_path)
+            shots = mmlu_shots(item, pool, task.k_shot, task.subject, fewshot_where(task))
         context, conts = mc_prompt(item, shots, task.format, task.subject)
         item_conts.append(conts)
         ctx_ids = tok.encode(context)
@@ -216,6 +239,8 @@ def _question(row: dict) -> str:
 
 
 def generative_prompt(tok, item: dict, shots: list[dict], style: str) -> list[int]:
+    if style == "completion":  # the item's text continued as it is (HumanEval); a shot is its text + its solution
+        return tok.encode("".join(f"{_question(s)}{_solution(s)}\n\n" for s in shots) + _question(item))
     if style == "chat":
         messages = []
         for s in shots:
@@ -227,27 +252,46 @@ def generative_prompt(tok, item: dict, shots: list[dict], style: str) -> list[in
     return tok.encode(text + f"Question: {_question(item)}\nAnswer:")
 
 
+def grade_completions(items: list[dict], rows: list[tuple[int, int]], texts: list[str]) -> list[bool]:
+    """Whether each completion (rows[j] = (item index, sample)) is right, by its item's oracle: math (answer match),
+    alias (exact match with any alias, TriviaQA), code (the item's tests in the sandbox; with `code_prefix`, the
+    program is the prefix + the completion cut at the next top-level statement, HumanEval)."""
+    correct = [False] * len(rows)
+    oracle = [items[n].get("oracle", "math") for n, _ in rows]
+    code = [j for j, (n, _) in enumerate(rows) if oracle[j] == "code" and not items[n].get("uncheckable")]
+    fenced = [j for j in code if "code_prefix" not in items[rows[j][0]]]
+    for j, ok in zip(fenced, check_code_many([texts[j] for j in fenced], [items[rows[j][0]]["tests"] for j in fenced])):
+        correct[j] = ok
+    prefixed = [j for j in code if "code_prefix" in items[rows[j][0]]]
+    programs = [(items[rows[j][0]]["code_prefix"] + cut_completion(texts[j]), items[rows[j][0]]["tests"])
+                for j in prefixed]
+    for j, result in zip(prefixed, run_python_many(programs) if programs else []):
+        correct[j] = result.passed
+    for j, (n, _) in enumerate(rows):
+        if oracle[j] == "alias":
+            correct[j] = check_alias(texts[j], items[n]["aliases"])
+        elif oracle[j] != "code":
+            correct[j] = check_answer(texts[j], str(items[n]["answer"]))
+    return correct
+
+
 def eval_generative(model, tok, task: GenerativeTask, cfg: EvalConfig, device) -> dict:
-    shots, items = _shots_and_items(task.path, task.fewshot_path, task.k_shot, task.limit, ("answer",))
+    shots, items = _shots_and_items(task, ("answer",))
     prompts = [generative_prompt(tok, item, shots, task.prompt) for item in items]
     rows = [(n, s) for s in range(task.num_samples) for n in range(len(items))]
     texts = generate_texts(model, tok, [prompts[n] for n, _ in rows], task.max_new_tokens, task.temperature,
                            task.top_p, cfg, device)
     if task.prompt == "plain":  # a base model continues with the next few-shot block: keep the first answer only
         texts = [t.split("\nQuestion:")[0] for t in texts]
-    correct = [False] * len(rows)
-    code = [j for j, (n, _) in enumerate(rows) if items[n].get("oracle") == "code"]
-    for j, ok in zip(code, check_code_many([texts[j] for j in code], [items[rows[j][0]]["tests"] for j in code])):
-        correct[j] = ok
-    for j, (n, _) in enumerate(rows):
-        if items[n].get("oracle") != "code":
-            correct[j] = check_answer(texts[j], str(items[n]["answer"]))
+    correct = grade_completions(items, rows, texts)
     samples = [{"id": items[n].get("id"), "sample": s, "oracle": items[n].get("oracle", "math"),
                 "answer": items[n]["answer"], "completion": texts[j], "extracted": extract_answer(texts[j]),
                 "correct": correct[j]} for j, (n, s) in enumerate(rows)]
     metrics = {"accuracy": sum(correct) / max(len(rows), 1), "items": len(items), "k_shot": task.k_shot,
                "samples_per_item": task.num_samples, "temperature": task.temperature,
                "answer_found": sum(s["extracted"] is not None for s in samples) / max(len(rows), 1)}
+    if any(item.get("uncheckable") for item in items):  # scored as not passed: the accuracy is a lower bound
+        metrics["items_uncheckable"] = sum(bool(item.get("uncheckable")) for item in items)
     for oracle in sorted({s["oracle"] for s in samples}):
         hits = [s["correct"] for s in samples if s["oracle"] == oracle]
         metrics[f"accuracy_{oracle}"] = sum(hits) / len(hits)

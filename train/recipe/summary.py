@@ -122,6 +122,17 @@ def _eval_scores(stage_dir: Path) -> dict:
     return scores
 
 
+def _paper_scores(stage_dir: Path) -> dict:
+    """<task>/accuracy -> the paper's number for that task's protocol (the task's `paper_score`, in the paper's
+    units), for the tasks that carry one."""
+    return {f"{r.get('task', '?')}/accuracy": r["paper_score"] for r in _read_jsonl(stage_dir / "results.jsonl")
+            if isinstance(r.get("paper_score"), (int, float))}
+
+
+def _score_text(key: str, value, paper: dict) -> str:
+    return f"{key} {_fmt(value, 3)}" + (f" (paper {paper[key]:g})" if key in paper else "")
+
+
 def write_summary(out: Path, recipe, results: list[dict]) -> dict:
     rows, summary = [], {"output_dir": str(out), "stages": []}
     for stage, result in zip(recipe.stages, results):
@@ -142,6 +153,8 @@ def write_summary(out: Path, recipe, results: list[dict]) -> dict:
                 entry["modelfile"] = str(gguf.parent / "Modelfile")  # written beside it by train.export.gguf
         elif stage.kind == "eval":
             entry["scores"] = _eval_scores(d)
+            if paper := _paper_scores(d):
+                entry["paper_scores"] = paper
         elif stage.kind == "synth":
             entry["synth"] = synth_stage_summary(out, stage)
         elif stage.kind == "post":
@@ -152,7 +165,8 @@ def write_summary(out: Path, recipe, results: list[dict]) -> dict:
         summary["stages"].append(entry)
         details = [] if entry.get("status") == "completed" else [f"status: {entry.get('status') or 'unknown'}"]
         if entry.get("scores"):
-            details.append(", ".join(f"{k} {_fmt(v, 3)}" for k, v in entry["scores"].items()))
+            details.append(", ".join(_score_text(k, v, entry.get("paper_scores", {}))
+                                     for k, v in entry["scores"].items()))
         if entry.get("exported"):
             details.append(entry["exported"])
         if entry.get("gguf"):
