@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data.benchmarks import SOURCES as BENCHMARK_SOURCES
+from data.benchmarks import load_benchmark
 from data.configfile import load_typed
 from data.fileio import atomic_path, atomic_write
 from data.sources import JSONL_SUFFIXES, iter_lines, list_inputs
@@ -44,9 +46,13 @@ _MULT = np.uint64(0x100000001B3)  # odd multiplier of the polynomial n-gram hash
 @dataclass
 class BenchmarkSpec:
     name: str = ""
-    path: str = ""  # jsonl, one test item per line
+    path: str = ""  # jsonl, one test item per line; or the benchmark's own directory (source below)
     fields: list[str] = field(default_factory=lambda: ["question"])  # str, list of str (choices) or messages
     id_field: str = "id"  # item id in the report; the line number when absent
+    # jsonl: `path` is the file above | a published layout read by data/benchmarks.py (mmlu_hf, arc_hf, gsm8k_hf,
+    # math_hf, triviaqa_hf, mbpp_hf, humaneval_hf): `path` is the dataset's directory, as the evaluator reads it
+    source: str = "jsonl"
+    split: str = "test"
 
 
 @dataclass
@@ -83,6 +89,9 @@ class DecontaminateConfig:
         for i, b in enumerate(self.benchmarks):
             if not b.name or not b.path or not b.fields:
                 raise ValueError(f"{where}: benchmarks[{i}] needs name, path and fields (got {b})")
+            if b.source not in BENCHMARK_SOURCES:
+                raise ValueError(f"{where}: benchmarks[{i}].source={b.source!r}; expected one of "
+                                 f"{list(BENCHMARK_SOURCES)}")
         if len(set(names)) != len(names):
             raise ValueError(f"{where}: benchmark names must be unique, got {names}")
         if self.output not in ("clean", "keep_list"):
@@ -417,6 +426,16 @@ def read_jsonl(path: str | Path):
 def load_benchmarks(specs: list[BenchmarkSpec]) -> dict[str, list[tuple[str, str]]]:
     out = {}
     for spec in specs:
+        if spec.source != "jsonl":  # the evaluator's items of the published files: question, choices, solution
+            rows = load_benchmark(spec.source, spec.path, spec.split)
+            items = [(str(r.get("id", n)), record_text(r, spec.fields)) for n, r in enumerate(rows)]
+            if any(text is None for _, text in items):
+                raise ValueError(f"benchmark {spec.name!r} ({spec.source} {spec.path}): none of the fields "
+                                 f"{spec.fields} in its items; they hold {sorted(rows[0])}")
+            if not items:
+                raise ValueError(f"{spec.path}: benchmark {spec.name!r} has no items")
+            out[spec.name] = items
+            continue
         items = []
         for line_no, _, record in read_jsonl(spec.path):
             if isinstance(record, Exception):

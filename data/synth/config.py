@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data.benchmarks import SOURCES as BENCHMARK_SOURCES
 from data.configfile import ConfigError, load_typed
 from data.decontaminate import BenchmarkSpec
 from data.synth.backend import OpenAIBackendConfig, VLLMOfflineConfig
@@ -176,6 +177,10 @@ class SynthConfig:
         if d.num_perm % d.bands or not 0 < d.threshold <= 1 or d.shingle_words < 1:
             raise ConfigError(f"dedup: num_perm ({d.num_perm}) must be a multiple of bands ({d.bands}), "
                               f"threshold in (0, 1], shingle_words >= 1")
+        for i, bm in enumerate(self.decontaminate.benchmarks):
+            if bm.source not in BENCHMARK_SOURCES or not bm.path:
+                raise ConfigError(f"decontaminate.benchmarks[{i}]: source={bm.source!r}, path={bm.path!r}; expected "
+                                  f"a path and a source of {list(BENCHMARK_SOURCES)}")
         names = [bm.name for bm in self.decontaminate.benchmarks]
         if len(set(names)) != len(names) or not all(names):
             raise ConfigError(f"decontaminate.benchmarks need unique names; got {names}")

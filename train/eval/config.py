@@ -6,7 +6,7 @@ from typing import Optional
 
 from data.config import PROVENANCES
 from train.config import ConfigError, WandbConfig
-from train.eval.benchmarks import GENERATIVE_SOURCES, MULTIPLE_CHOICE_SOURCES
+from data.benchmarks import GENERATIVE_SOURCES, MULTIPLE_CHOICE_SOURCES
 
 
 PRIMARY = ("acc", "acc_norm", "per_token")
@@ -27,7 +27,7 @@ class MultipleChoiceTask:
     # lm-evaluation-harness defines them | per_token (our per-token mean, reported as acc_per_token)
     primary: str = "acc_norm"
     limit: int = 0  # 0 = every item
-    # jsonl: `path` holds the rows above | a benchmark's own published files (train/eval/benchmarks.py): `path` is
+    # jsonl: `path` holds the rows above | a benchmark's own published files (data/benchmarks.py): `path` is
     # the dataset's local directory (Hugging Face layout) or one of its files, read at `split`
     source: str = "jsonl"
     split: str = "test"
@@ -53,7 +53,7 @@ class GenerativeTask:
     max_new_tokens: int = 256
     num_samples: int = 1  # completions per item; accuracy is averaged over them
     limit: int = 0
-    # jsonl: `path` holds the rows above | a benchmark's own published files (train/eval/benchmarks.py): `path` is
+    # jsonl: `path` holds the rows above | a benchmark's own published files (data/benchmarks.py): `path` is
     # the dataset's local directory (Hugging Face layout) or one of its files, read at `split`
     source: str = "jsonl"
     split: str = "test"

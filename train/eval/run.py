@@ -2,7 +2,7 @@
 
 Tasks (Phi-4 report §3 and §5), each giving one result record, on jsonl files of our schema or, with a task's
 `source`, on a benchmark's own published files (MMLU, ARC, GSM8K, MATH, TriviaQA, MBPP, HumanEval in their Hugging
-Face layouts; `train/eval/benchmarks.py`):
+Face layouts; `data/benchmarks.py`):
 - multiple choice by log-likelihood, k-shot (MMLU / ARC style): every choice is scored by the sum of its tokens'
   log-probs after the prompt; reported as lm-evaluation-harness's `acc` (sum) and `acc_norm` (sum per character of
   the choice), and as `acc_per_token` (sum per token, ours); `primary` picks which one `accuracy` repeats;

@@ -21,7 +21,7 @@ from model.generate import generate
 from model.transformer import Transformer
 from train.config import ConfigError
 from train.distributed import is_zero3
-from train.eval.benchmarks import check_alias, cut_completion, load_benchmark
+from data.benchmarks import check_alias, cut_completion, load_benchmark
 from train.eval.config import EvalConfig, GenerativeTask, MultipleChoiceTask, PerplexitySource
 
 log = logging.getLogger("eval")
@@ -36,7 +36,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
 def task_rows(task, required: tuple[str, ...] = (), shots: bool = True) -> tuple[list[dict], list[dict] | None]:
     """(the scored split's rows, the few-shot pool, or None when the shots are the first rows of the scored split; []
     when `shots` is False): jsonl files as they are, or a benchmark's published files (`source`, see
-    train/eval/benchmarks.py; the pool is `fewshot_split` of fewshot_path or path, else `split` of fewshot_path)."""
+    data/benchmarks.py; the pool is `fewshot_split` of fewshot_path or path, else `split` of fewshot_path)."""
     if task.source == "jsonl":
         items = read_jsonl(task.path, required)
         pool = read_jsonl(task.fewshot_path) if task.fewshot_path and shots else None

@@ -1,4 +1,4 @@
-"""Benchmark readers (train/eval/benchmarks.py) on fixtures in the benchmarks' own published schemas
+"""Benchmark readers (data/benchmarks.py) on fixtures in the benchmarks' own published schemas
 (tests/fixtures/benchmarks/<name>/<config>/<split>.jsonl, one MMLU split as parquet), their use by the evaluator
 (shots, grading in the sandbox), the shipped configuration and the recipe summary's paper column."""
 from __future__ import annotations
@@ -12,14 +12,14 @@ import torch
 from data.configfile import ConfigError
 from tests.helpers.eval_models import random_model
 from train.config import load_config
-from train.eval.benchmarks import (BenchmarkError, check_alias, cut_completion, humaneval_tests, load_benchmark,
+from data.benchmarks import (BenchmarkError, check_alias, cut_completion, humaneval_tests, load_benchmark,
                                    normalize_qa, split_files)
 from train.eval.config import EvalConfig, GenerativeTask, MultipleChoiceTask, RecallProbe
 from train.eval.run import check_inputs
 from train.eval.tasks import (_shots_and_items, eval_multiple_choice, fewshot_where, generative_prompt,
                               grade_completions, mc_prompt, mmlu_shots, task_rows)
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 FIX = REPO / "tests/fixtures/benchmarks"
 CPU = torch.device("cpu")
 
@@ -233,3 +233,28 @@ def test_run_tasks_on_published_files_records_uncheckable_items_and_the_paper_sc
     assert human["metrics"]["items"] == 2 and human["metrics"]["items_uncheckable"] == 1
     assert [s["correct"] for s in human["samples"]][1] is False  # the uncheckable item is never counted as passed
     assert gsm["metrics"]["items"] == 2 and [s["answer"] for s in gsm["samples"]] == ["7", "2234"]
+
+
+def test_decontamination_reads_the_published_layouts(tmp_path):
+    """A benchmark given as its HF directory (source: mmlu_hf, ...) is what the n-gram check compares against: a
+    training document that copies an MMLU question and one that copies a GSM8K solution are caught."""
+    from data.decontaminate import BenchmarkSpec, DecontaminateConfig, run
+
+    mmlu = load_benchmark("mmlu_hf", FIX / "mmlu", "test")
+    gsm8k = load_benchmark("gsm8k_hf", FIX / "gsm8k", "test")
+    docs = [{"text": "Intro. " + mmlu[0]["question"] + " " + " ".join(mmlu[0]["choices"]) + " The end."},
+            {"text": "Worked: " + gsm8k[1]["solution"]},
+            {"text": "A clean document about the weather in spring, unrelated to any benchmark item at all."}]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cfg = DecontaminateConfig(inputs=[str(data)], output_dir=str(tmp_path / "out"), benchmarks=[
+        BenchmarkSpec(name="mmlu", path=str(FIX / "mmlu"), source="mmlu_hf", fields=["question", "choices"]),
+        BenchmarkSpec(name="gsm8k", path=str(FIX / "gsm8k"), source="gsm8k_hf", fields=["question", "solution"])])
+    cfg.validate()
+    report = run(cfg)
+    assert report["totals"]["contaminated"] == 2 and report["totals"]["kept"] == 1
+    assert {e["benchmark"] for e in report["examples"]} == {"mmlu", "gsm8k"}
+    bad = DecontaminateConfig(inputs=[str(data)], output_dir=str(tmp_path / "o2"),
+                              benchmarks=[BenchmarkSpec(name="x", path="p", source="squad_hf")])
+    with pytest.raises(ValueError, match="source='squad_hf'"):
+        bad.validate()
