@@ -8,6 +8,10 @@ The order of samples
 - Source stream: epoch e of a source is its training documents (held-out removed, midtraining selection and
   up-weighting applied) in the order of a permutation seeded by (seed, source name, e), concatenated; epochs
   follow each other with no gap, so the stream is endless and nothing is dropped at an epoch's end.
+- Large sources (manifest num_docs >= `blocked_min_docs`, default BLOCKED_MIN_DOCS = 1e6): the per-document state
+  is built once into `state_dir` (default `<source path>/loader_state`) and memory-mapped, and epoch e is a
+  block-wise permutation (data/docstate.py): O(blocks) work per epoch, O(block_docs) per block read. Sources
+  below the threshold keep the full in-RAM permutation above (their batches and fingerprints are unchanged).
 - Windows tile the stream with stride seq_len and one token of overlap: the source's k-th sample reads stream
   tokens [k T, k T + T + 1); input_ids = the first T, labels = the last T. Every token of an epoch is an input
   exactly once and a target exactly once (the stream's first token is never a target), so each document of
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 
 from data.config import DataConfig
+from data.docstate import BLOCK_DOCS, MappedStream, StateError, load_or_build
 from data.mixture import Schedule, epoch_entries, held_out_mask, name_key, validate_mixture
 from data.order import LayoutError, SampleCursor
 from data.shards import ShardedSource
@@ -42,6 +47,7 @@ from data.tokenizer import IGNORE_INDEX
 
 STATE_FORMAT = 1
 EPOCHS_CACHED = 2  # per source: the current epoch and the next (a window can straddle them)
+BLOCKED_MIN_DOCS = 1_000_000  # sources with at least this many documents use data/docstate.py
 
 
 class LoaderError(ValueError):
@@ -129,13 +135,16 @@ def pack_rows(tokens: np.ndarray, starts: list[list[int]], doc_masking: bool) ->
 class MixtureLoader:
     """This rank's micro-batches of a mixture, in order, endlessly; `state_dict()` makes it resumable.
 
-    seed: defaults to cfg.seed. Counters (`tokens_by_source`, `tokens_by_provenance`) are global (all ranks),
+    seed: defaults to cfg.seed. A source with >= blocked_min_docs documents maps its state from
+    state_dir (default `<source path>/loader_state`; built there by the first rank) and reads in blocks of block_docs.
+    Counters (`tokens_by_source`, `tokens_by_provenance`) are global (all ranks),
     derived from the samples consumed, so they need no communication and survive a resume.
     """
 
     def __init__(self, cfg: DataConfig, seq_len: int, micro_batch: int, global_batch: int, rank: int = 0,
                  world_size: int = 1, doc_masking: bool = True, seed: int | None = None, verify: str = "size",
-                 expect_tokenizer: str | None = None):
+                 expect_tokenizer: str | None = None, state_dir: str | None = None,
+                 blocked_min_docs: int = BLOCKED_MIN_DOCS, block_docs: int = BLOCK_DOCS):
         validate_mixture(cfg)
         if seq_len < 1 or global_batch < 1:
             raise LoaderError(f"bad layout: seq_len={seq_len}, global_batch={global_batch} (both must be >= 1)")
@@ -149,8 +158,8 @@ class MixtureLoader:
         self.seed = cfg.seed if seed is None else seed
         self.names = [s.name for s in cfg.sources]
         self.provenance = {s.name: s.provenance for s in cfg.sources}
-        self.streams: list[SourceStream] = []
-        self._held_out: dict[str, SourceStream] = {}
+        self.streams: list[SourceStream | MappedStream] = []
+        self._held_out: dict[str, SourceStream | MappedStream] = {}
         identity = []
         for src in cfg.sources:
             if not src.path:
@@ -160,23 +169,39 @@ class MixtureLoader:
             if sharded.provenance != src.provenance:
                 raise LoaderError(f"source '{src.name}': config says provenance {src.provenance!r} but "
                                   f"{src.path}/manifest.json says {sharded.provenance!r}")
-            lengths = sharded.doc_lengths()
-            held = held_out_mask(len(lengths), cfg.held_out_fraction, self.seed)
-            entries = epoch_entries(lengths, src, held)
-            if len(entries) == 0:
+            blocked = sharded.num_docs >= blocked_min_docs
+            if blocked:
+                try:
+                    state = load_or_build(state_dir or f"{src.path}/loader_state", sharded, src,
+                                          cfg.held_out_fraction, self.seed, block_docs)
+                except StateError as e:
+                    raise LoaderError(f"source '{src.name}': {e}") from None
+                train = MappedStream(sharded, state["train"], self.seed, name_key(src.name), block_docs)
+                held_stream = MappedStream(sharded, state["held"], self.seed, 0, block_docs, shuffle=False)
+                n_train = len(train.entries)
+            else:
+                lengths = sharded.doc_lengths()
+                held = held_out_mask(len(lengths), cfg.held_out_fraction, self.seed)
+                entries = epoch_entries(lengths, src, held)
+                n_train = len(entries)
+            if n_train == 0:
                 raise LoaderError(f"source '{src.name}' ({src.path}): no training documents left after "
                                   f"min_doc_tokens={src.min_doc_tokens} and held_out_fraction="
-                                  f"{cfg.held_out_fraction} ({len(lengths)} documents)")
-            self.streams.append(SourceStream(sharded, lengths, entries, self.seed, name_key(src.name)))
-            # Held-out: the selected held-out documents once each, no up-weighting, fixed order.
-            plain = replace(src, upweight_min_tokens=0, upweight_factor=1.0)
-            self._held_out[src.name] = SourceStream(sharded, lengths, epoch_entries(lengths, plain, ~held),
-                                                    self.seed, 0, shuffle=False)
+                                  f"{cfg.held_out_fraction} ({sharded.num_docs} documents)")
+            if not blocked:
+                train = SourceStream(sharded, lengths, entries, self.seed, name_key(src.name))
+                # Held-out: the selected held-out documents once each, no up-weighting, fixed order.
+                plain = replace(src, upweight_min_tokens=0, upweight_factor=1.0)
+                held_stream = SourceStream(sharded, lengths, epoch_entries(lengths, plain, ~held), self.seed, 0,
+                                           shuffle=False)
+            self.streams.append(train)
+            self._held_out[src.name] = held_stream
             identity.append({"name": src.name, "provenance": src.provenance, "weight": src.weight,
                              "min_doc_tokens": src.min_doc_tokens, "upweight_min_tokens": src.upweight_min_tokens,
                              "upweight_factor": src.upweight_factor, "tokenizer": sharded.tokenizer,
                              "num_docs": sharded.num_docs, "num_tokens": sharded.num_tokens,
-                             "shards": [e["tokens_sha256"] for e in sharded.manifest["shards"]]})
+                             "shards": [e["tokens_sha256"] for e in sharded.manifest["shards"]],
+                             **({"blocked_docs": block_docs} if blocked else {})})  # absent: the full permutation
         self.schedule = Schedule.from_weights([s.weight for s in cfg.sources])
         # Everything that fixes the global order of samples; not the layout (world size, batch sizes, masking).
         ident = {"format": STATE_FORMAT, "seed": self.seed, "seq_len": seq_len,
