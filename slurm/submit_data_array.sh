@@ -6,7 +6,9 @@
 #
 #   module      data.decontaminate or data.prepare (the stages with --shard I/N and --merge N; data.prepare splits
 #               the input files over the tasks, one part per file under <output_dir>/.parts/, and its merge replays
-#               them into the same shards one process writes)
+#               them into the same shards one process writes), or train.pts (Pivotal Token Search: question k
+#               goes to shard k % N, each into pairs.shard-<i>-of-<N>.jsonl; the merge writes the pairs in question
+#               order, what one process writes; give GPUs as sbatch options, e.g. --gpus-per-node=1)
 #   array job   slurm/data_array.sbatch, --array=0-(N-1) (or LIST): task i runs
 #               `python -m <module> <config> [key=value ...] --shard i/N` -> its part and completion marker
 #               (data.decontaminate: <output_dir>/parts/of-<NNNNN>/part-<iiiii>.*). One CPU task each (#SBATCH defaults
@@ -48,7 +50,8 @@ module="$1"; config="$2"; n="$3"; shift 3
 case "$module" in
     data.decontaminate) schema="data.decontaminate:DecontaminateConfig" ;;
     data.prepare) schema="data.prepare:PrepareConfig" ;;
-    *) echo "module '$module': expected data.decontaminate or data.prepare" >&2; exit 2 ;;
+    train.pts) schema="train.pts.config:PTSConfig" ;;
+    *) echo "module '$module': expected data.decontaminate, data.prepare or train.pts" >&2; exit 2 ;;
 esac
 opts=()
 while [ $# -gt 0 ] && [ "$1" != -- ]; do opts+=("$1"); shift; done
@@ -87,7 +90,7 @@ from data.configfile import ConfigError, load_typed
 module, name = sys.argv[1].split(":")
 try:
     cfg = load_typed(sys.argv[2], sys.argv[3:], schema=getattr(importlib.import_module(module), name))
-    print(cfg.output_dir)
+    print(getattr(cfg, "output_dir", "") or cfg.output)  # train.pts: its pairs file
 except (ConfigError, ValueError) as e:
     sys.exit(f"configuration error: {e}")
 PY

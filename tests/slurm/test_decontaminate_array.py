@@ -128,3 +128,40 @@ def test_prepare_array_and_merge_write_the_shards_one_process_writes(tmp_path, c
     assert {t["NodeList"] for t in tasks.values()} == {"n1", "n2"} and merged["JobState"] == "COMPLETED", logs
     one, got = _files(tmp_path / "one"), _files(tmp_path / "array")
     assert one == got and any(k.endswith("manifest.json") for k in one)
+
+
+def test_pts_array_and_merge_write_the_pairs_one_process_writes(tmp_path, cluster, tok):
+    """Pivotal Token Search through the same scripts: questions split over two tasks on two nodes (`train.pts
+    --shard i/2`), the merge after them, the pairs byte for byte those of one process."""
+    import yaml
+
+    from tests.train.pts.test_run import answer_chain_model
+    from train.export.hf import to_hf
+
+    to_hf(answer_chain_model(tok), tmp_path / "model")
+    questions = [{"id": f"q{i}", "question": f"What is {i} + {7 - i}?", "answer": "7", "oracle": "math"}
+                 for i in range(4)]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    base = {"model": str(tmp_path / "model"), "questions": str(tmp_path / "q.jsonl"), "rollouts": 16,
+            "batch_size": 16, "max_new_tokens": 7, "device": "cpu", "seed": 3}
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump({**base, "output": str(tmp_path / "one" / "pairs.jsonl")}))
+    (tmp_path / "arr.yaml").write_text(yaml.safe_dump({**base, "output": str(tmp_path / "arr" / "pairs.jsonl")}))
+    local = subprocess.run([sys.executable, "-m", "train.pts", str(tmp_path / "one.yaml")], cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    proc = subprocess.run(["bash", str(SUBMIT), "train.pts", str(tmp_path / "arr.yaml"), str(N), *OPTS],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    array = int(re.search(r"^shards: array job (\d+) ", proc.stdout, re.M)[1])
+    merge = int(re.search(rf"^merge: job (\d+) after {array} ", proc.stdout, re.M)[1])
+    try:
+        tasks = wait_array(array, set(range(N)), JOB_TIMEOUT_S)
+        merged = wait_done(merge, JOB_TIMEOUT_S)
+    finally:
+        cancel(array)
+        cancel(merge)
+    logs = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("phi4-data-*")))
+    assert all(t["JobState"] == "COMPLETED" for t in tasks.values()) and merged["JobState"] == "COMPLETED", logs
+    assert {t["NodeList"] for t in tasks.values()} == {"n1", "n2"}, tasks
+    one = (tmp_path / "one" / "pairs.jsonl").read_bytes()
+    assert one.strip() and (tmp_path / "arr" / "pairs.jsonl").read_bytes() == one
