@@ -34,6 +34,7 @@ import numpy as np
 
 from data.benchmarks import SOURCES as BENCHMARK_SOURCES
 from data.benchmarks import load_benchmark
+from data.arrays import split_array_flags
 from data.configfile import load_typed
 from data.fileio import atomic_path, atomic_write
 from data.sources import JSONL_SUFFIXES, iter_lines, list_inputs
@@ -694,27 +695,11 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m data.decontaminate <config.yaml> [key=value ...] [--shard I/N | --merge N]\n\n"
               + __doc__)
         return 0 if argv else 2
-    shard = merge_n = None
-    for flag in ("--shard", "--merge"):
-        if flag in argv:
-            at = argv.index(flag)
-            if at + 1 >= len(argv):
-                raise SystemExit(f"{flag} needs a value ({'I/N' if flag == '--shard' else 'N'})")
-            value = argv[at + 1]
-            del argv[at:at + 2]
-            try:
-                if flag == "--shard":
-                    shard = tuple(int(x) for x in value.split("/"))
-                    if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
-                        raise ValueError
-                else:
-                    merge_n = int(value)
-                    if merge_n < 1:
-                        raise ValueError
-            except ValueError:
-                raise SystemExit(f"{flag} {value}: expected {'I/N with 0 <= I < N' if flag == '--shard' else 'N >= 1'}")
-    if shard and merge_n:
-        raise SystemExit("--shard and --merge are separate steps; give one")
+    try:
+        rest, shard, merge_n = split_array_flags(argv[1:])
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    argv = argv[:1] + rest
     cfg = load_typed(argv[0], argv[1:], schema=DecontaminateConfig)
     if shard:
         marker = run_shard(cfg, *shard)

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from data.arrays import split_array_flags
 from data.config import PROVENANCES
 from data.configfile import load_typed
 from data.shards import DEFAULT_SHARD_TOKENS, MANIFEST, ShardedSource, ShardError, ShardWriter, read_json
@@ -375,26 +376,6 @@ def _bench_texts(path: str, max_bytes: int) -> list[str]:
     return texts
 
 
-def _array_flags(args: list[str]) -> tuple[list[str], tuple[int, int] | None, int | None]:
-    rest, shard, merge_n = [], None, None
-    it = iter(args)
-    for a in it:
-        if a in ("--shard", "--merge"):
-            value = next(it, "")
-            i, _, n = value.partition("/")
-            if a == "--shard" and i.isdigit() and n.isdigit() and int(i) < int(n):
-                shard = (int(i), int(n))
-            elif a == "--merge" and value.isdigit() and int(value) >= 1:
-                merge_n = int(value)
-            else:
-                raise ValueError(f"{a} {value}: expected {'I/N with 0 <= I < N' if a == '--shard' else 'N >= 1'}")
-        else:
-            rest.append(a)
-    if shard and merge_n:
-        raise ValueError("--shard and --merge are separate jobs; give one")
-    return rest, shard, merge_n
-
-
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -413,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"M tok/s\ndata.prepare (read+tokenize+write): {r['prepare_tokens_per_s'] / 1e6:.2f} M tok/s\n"
                   f"ratio: {r['ratio']:.3f} (target >= 0.9); CPU-seconds ratio {r['cpu_ratio']:.3f}")
             return 0
-        rest, shard, merge_n = _array_flags(args[1:])
+        rest, shard, merge_n = split_array_flags(args[1:])
         cfg = load_typed(args[0], rest, schema=PrepareConfig)
         if shard:
             prepare_shard(cfg, *shard)

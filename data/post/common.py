@@ -2,16 +2,14 @@
 requests, and the judge call."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from data.post.config import DOMAINS, PostDataConfig
 from data.post.judge import Verdict, parse_verdict
 from data.post.prompts import POST_TEMPLATES
-from data.sources import list_inputs
 from data.synth.backend import Request
 from data.synth.context import Context
-from data.synth.records import Tally, text_sha256
+from data.synth.records import Tally, jsonl_objects, text_sha256
 
 
 @dataclass
@@ -34,32 +32,21 @@ def read_prompts(paths: list[str]) -> list[dict]:
     """{id, messages, domain, category, location} from jsonl lines holding `messages` (the conversation so far,
     ending with a user turn) or `prompt` (one user turn); `domain` and `category` optional."""
     out = []
-    for path in list_inputs(paths, (".jsonl",)) if paths else []:
-        with open(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    obj = json.loads(raw)
-                except ValueError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e})") from None
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{where}: expected a JSON object")
-                messages = obj.get("messages") or ([{"role": "user", "content": obj["prompt"]}]
-                                                   if isinstance(obj.get("prompt"), str) else None)
-                if (not isinstance(messages, list) or not messages or not all(
-                        isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
-                        or messages[-1].get("role") != "user"):
-                    raise ValueError(f"{where}: expected 'messages' (a list ending with a user turn) or a string "
-                                     "'prompt'")
-                domain = obj.get("domain", "")
-                if domain and domain not in DOMAINS:
-                    raise ValueError(f"{where}: domain={domain!r}; expected one of {list(DOMAINS)}")
-                out.append({"id": str(obj.get("id", f"{path.name}:{line_no}")), "domain": domain,
-                            "category": str(obj.get("category", "")),
-                            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-                            "location": {"file": str(path), "line": line_no}})
+    for path, line_no, obj in jsonl_objects(paths):
+        where = f"{path}:{line_no}"
+        messages = obj.get("messages") or ([{"role": "user", "content": obj["prompt"]}]
+                                           if isinstance(obj.get("prompt"), str) else None)
+        if (not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+                or messages[-1].get("role") != "user"):
+            raise ValueError(f"{where}: expected 'messages' (a list ending with a user turn) or a string 'prompt'")
+        domain = obj.get("domain", "")
+        if domain and domain not in DOMAINS:
+            raise ValueError(f"{where}: domain={domain!r}; expected one of {list(DOMAINS)}")
+        out.append({"id": str(obj.get("id", f"{path.name}:{line_no}")), "domain": domain,
+                    "category": str(obj.get("category", "")),
+                    "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+                    "location": {"file": str(path), "line": line_no}})
     return out
 
 

@@ -13,31 +13,21 @@ plausible bogus question, and a refusal of the bogus question.
 """
 from __future__ import annotations
 
-import json
 import re
 
 from data.post.common import Roles, chat_request
 from data.post.judge import parse_matches_key
-from data.sources import list_inputs
-from data.synth.records import record_id
+from data.synth.records import jsonl_objects, record_id
 from data.verify.answers import check_answer
 
 
 def read_trivia(paths: list[str]) -> list[dict]:
     out = []
-    for path in list_inputs(paths, (".jsonl",)) if paths else []:
-        with open(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-                if not (isinstance(obj, dict) and isinstance(obj.get("question"), str) and obj.get("answer")):
-                    raise ValueError(f"{path}:{line_no}: expected {{question: str, answer: ...}}")
-                out.append({"id": str(obj.get("id", f"{path.name}:{line_no}")), "question": obj["question"],
-                            "answer": str(obj["answer"]), "location": {"file": str(path), "line": line_no}})
+    for path, line_no, obj in jsonl_objects(paths):
+        if not (isinstance(obj.get("question"), str) and obj.get("answer")):
+            raise ValueError(f"{path}:{line_no}: expected {{question: str, answer: ...}}")
+        out.append({"id": str(obj.get("id", f"{path.name}:{line_no}")), "question": obj["question"],
+                    "answer": str(obj["answer"]), "location": {"file": str(path), "line": line_no}})
     return out
 
 

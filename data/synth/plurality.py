@@ -13,12 +13,11 @@ Organic questions (`questions.organic`) come first, then questions written from 
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 
-from data.sources import list_inputs
 from data.synth.context import Context
+from data.synth.records import jsonl_objects
 from data.verify.answers import extract_answer, normalize_answer
 
 
@@ -55,23 +54,14 @@ def plurality_vote(texts: list[str | None]) -> Vote:
 def organic_questions(ctx: Context) -> list[dict]:
     """This shard's organic questions: {id, question, location}, numbered over the inputs like seed passages."""
     q = ctx.cfg.questions
-    out, index = [], 0
-    for path in list_inputs(q.organic, (".jsonl",)) if q.organic else []:
-        with open(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-                text = obj.get(q.question_field) if isinstance(obj, dict) else None
-                if not isinstance(text, str) or not text.strip():
-                    raise ValueError(f"{path}:{line_no}: expected a non-empty string {q.question_field!r}")
-                if index % ctx.num_shards == ctx.shard:
-                    loc = {"file": str(path), "line": line_no}
-                    out.append({"id": f"organic:{path.name}:{line_no}", "question": text.strip(), "location": loc})
-                index += 1
+    out = []
+    for index, (path, line_no, obj) in enumerate(jsonl_objects(q.organic)):
+        text = obj.get(q.question_field)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path}:{line_no}: expected a non-empty string {q.question_field!r}")
+        if index % ctx.num_shards == ctx.shard:
+            loc = {"file": str(path), "line": line_no}
+            out.append({"id": f"organic:{path.name}:{line_no}", "question": text.strip(), "location": loc})
     return out
 
 

@@ -10,6 +10,11 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from data.fileio import read_jsonl
+from data.sources import list_inputs
 
 
 def record_id(step: str, parents: list[str], template_version: str, model: dict, sampling: dict,
@@ -17,6 +22,14 @@ def record_id(step: str, parents: list[str], template_version: str, model: dict,
     blob = json.dumps({"step": step, "parents": parents, "template": template_version, "model": model,
                        "sampling": sampling, "sample": sample_index}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def jsonl_objects(paths: list[str]) -> Iterator[tuple[Path, int, dict]]:
+    """(file, line, object) over the .jsonl files of `paths` (files, or folders searched in order); a line that is
+    not a JSON object is an error naming the file and line (data.fileio.read_jsonl)."""
+    for path in list_inputs(paths, (".jsonl",)) if paths else []:
+        for line_no, obj in read_jsonl(path):
+            yield path, line_no, obj
 
 
 def text_sha256(text: str) -> str:

@@ -9,10 +9,9 @@ before the code, as the report says; the regenerated code and both sandbox verdi
 from __future__ import annotations
 
 import asyncio
-import json
 
-from data.sources import list_inputs
 from data.synth.context import Context
+from data.synth.records import jsonl_objects
 from data.verify.answers import extract_code
 from data.verify.checks import UncheckableTests, parse_tests
 from data.verify.sandbox import run_python_many
@@ -20,25 +19,14 @@ from data.verify.sandbox import run_python_many
 
 def snippets(ctx: Context) -> list[dict]:
     cfg = ctx.cfg.reversal
-    out, index = [], 0
-    for path in list_inputs(cfg.inputs, (".jsonl",)) if cfg.inputs else []:
-        with open(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-                code = obj.get(cfg.code_field) if isinstance(obj, dict) else None
-                tests = obj.get(cfg.tests_field) if isinstance(obj, dict) else None
-                if not isinstance(code, str) or not isinstance(tests, str):
-                    raise ValueError(f"{path}:{line_no}: expected string fields {cfg.code_field!r} and "
-                                     f"{cfg.tests_field!r}")
-                if index % ctx.num_shards == ctx.shard:
-                    out.append({"id": f"code:{path.name}:{line_no}", "code": code, "tests": tests,
-                                "location": {"file": str(path), "line": line_no}})
-                index += 1
+    out = []
+    for index, (path, line_no, obj) in enumerate(jsonl_objects(cfg.inputs)):
+        code, tests = obj.get(cfg.code_field), obj.get(cfg.tests_field)
+        if not isinstance(code, str) or not isinstance(tests, str):
+            raise ValueError(f"{path}:{line_no}: expected string fields {cfg.code_field!r} and {cfg.tests_field!r}")
+        if index % ctx.num_shards == ctx.shard:
+            out.append({"id": f"code:{path.name}:{line_no}", "code": code, "tests": tests,
+                        "location": {"file": str(path), "line": line_no}})
     return out
 
 

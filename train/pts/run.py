@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from data.arrays import split_array_flags
 from data.fileio import atomic_path, atomic_write, read_jsonl
 from train.config import ConfigError, load_config, to_dict, to_yaml
 from train.pts.config import PTSConfig
@@ -267,35 +268,13 @@ def merge(cfg: PTSConfig, num_shards: int) -> dict:
     return summary
 
 
-def _shard_args(argv: list[str]) -> tuple[list[str], tuple[int, int] | None, int | None]:
-    rest, shard, merge_n = [], None, None
-    it = iter(argv)
-    for a in it:
-        if a in ("--shard", "--merge"):
-            value = next(it, "")
-            if a == "--shard":
-                i, _, n = value.partition("/")
-                if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
-                    raise ConfigError(f"--shard {value}: expected I/N with 0 <= I < N")
-                shard = (int(i), int(n))
-            elif value.isdigit() and int(value) >= 1:
-                merge_n = int(value)
-            else:
-                raise ConfigError(f"--merge {value}: expected the number of shards (>= 1)")
-        else:
-            rest.append(a)
-    if shard and merge_n:
-        raise ConfigError("--shard and --merge are separate jobs; give one")
-    return rest, shard, merge_n
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE + "\n\n" + __doc__.split("\n\n")[1], file=sys.stderr)
         return 0 if argv else 2
     try:
-        rest, shard, merge_n = _shard_args(argv[1:])
+        rest, shard, merge_n = split_array_flags(argv[1:])
         cfg = load_config(argv[0], rest, schema=PTSConfig)
         if merge_n:
             print(json.dumps(merge(cfg, merge_n)), file=sys.stderr)

@@ -7,9 +7,9 @@ exit 3: the LLM server did not answer (finished requests are kept)."""
 from __future__ import annotations
 
 import asyncio
-import re
 import sys
 
+from data.arrays import split_array_flags
 from data.configfile import ConfigError
 from data.fileio import JsonlError
 from data.synth.backend import ServerUnavailable
@@ -30,27 +30,11 @@ async def _generate(cfg: SynthConfig, shard: int, num_shards: int) -> dict:
 def parse_args(argv: list[str]) -> tuple[str, list[str], tuple[int, int] | None, int | None]:
     if not argv or argv[0] in ("-h", "--help"):
         raise SystemExit(__doc__)
-    config, rest, shard, merge_n = argv[0], [], None, None
-    it = iter(argv[1:])
-    for a in it:
-        if a in ("--shard", "--merge"):
-            value = next(it, None)
-            if value is None:
-                raise ConfigError(f"{a} needs a value")
-            if a == "--shard":
-                m = re.fullmatch(r"(\d+)/(\d+)", value)
-                if not m or not int(m[1]) < int(m[2]):
-                    raise ConfigError(f"--shard {value}: expected I/N with 0 <= I < N")
-                shard = (int(m[1]), int(m[2]))
-            else:
-                if not value.isdigit() or int(value) < 1:
-                    raise ConfigError(f"--merge {value}: expected the number of shards (>= 1)")
-                merge_n = int(value)
-        else:
-            rest.append(a)
-    if shard and merge_n:
-        raise ConfigError("--shard and --merge are separate jobs; give one")
-    return config, rest, shard, merge_n
+    try:
+        rest, shard, merge_n = split_array_flags(argv[1:])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return argv[0], rest, shard, merge_n
 
 
 def main(argv: list[str] | None = None) -> int:
