@@ -77,8 +77,9 @@ async def judge_pairs(roles: Roles) -> list[dict]:
     items = [(p["id"], p["messages"], text) for p, c in zip(prompts, candidates) for _, _, text in c]
     verdicts = iter(await judge_all(roles, items))
     out = []
-    for p, c in zip(prompts, candidates):
+    for k, (p, c) in enumerate(zip(prompts, candidates)):
         vs = [next(verdicts) for _ in c]
+        requests = {"policy": pol[k], "generator": gen[k]}
         chosen_pairs = best_pairs(vs, cfg.pairs_per_prompt)
         if not chosen_pairs:
             tally.drop("judge_pairs", "no_preference" if sum(v is not None for v in vs) >= 2 else "unjudged")
@@ -90,7 +91,7 @@ async def judge_pairs(roles: Roles) -> list[dict]:
             out.append({
                 "id": record_id("judge_pairs", [p["id"], f"{cs}:{cn}", f"{rs}:{rn}"], "judge:v1",
                                 {"policy": roles.policy.model, "generator": roles.generator.model},
-                                {"policy": pol[0][0].sampling() if pol and pol[0] else {}}, 0),
+                                {"chosen": requests[cs][cn].sampling(), "rejected": requests[rs][rn].sampling()}, 0),
                 "prompt": p["messages"], "chosen": ctext, "rejected": rtext, "pair_kind": kind,
                 "domain": p["domain"] or vs[ci].domain or "conversation",
                 "scores": {"chosen": vs[ci].to_json(), "rejected": vs[ri].to_json()},

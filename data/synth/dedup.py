@@ -12,7 +12,7 @@ import hashlib
 
 import numpy as np
 
-from data.decontaminate import ngram_hashes, normalize
+from data.contamination import ngram_hashes, normalize
 
 
 class Deduper:

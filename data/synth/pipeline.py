@@ -16,7 +16,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from data.decontaminate import Decontaminator, load_benchmarks
+from data.contamination import Decontaminator
+from data.decontaminate import load_benchmarks
 from data.fileio import atomic_path, atomic_write
 from data.synth.client import Client, RequestLog
 from data.synth.config import SynthConfig
@@ -113,8 +114,7 @@ def decontaminate(ctx: Context, records: list[dict]) -> list[dict]:
     checker = Decontaminator(load_benchmarks(d.benchmarks), (), d.long_n, d.short_n, d.contaminated_threshold,
                              d.info_threshold)
     kept = []
-    for r in records:
-        v = checker.check(r["text"])
+    for r, v in zip(records, checker.check_batch([r["text"] for r in records])):  # check()'s verdicts, batched
         r["decontamination"] = {"checked": True, "class": v.cls, "ratio": round(v.ratio, 4),
                                 "benchmark": v.benchmark, "item": v.item, "reason": v.reason}
         if v.cls == "contaminated":

@@ -15,14 +15,13 @@ this with a random forest on embeddings; the report's seed classifier is not pub
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from data.fileio import JsonlError
+from data.fileio import JsonlError, read_jsonl
 from data.sources import list_inputs
 
 
@@ -92,18 +91,11 @@ def _documents(path: Path, text_field: str):
     if path.suffix in (".txt", ".md"):
         yield 1, path.read_text(encoding="utf-8", errors="replace")
         return
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except ValueError as e:
-                raise JsonlError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            text = obj.get(text_field) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                raise JsonlError(f"{path}:{line_no}: expected a JSON object with a string {text_field!r} field")
-            yield line_no, text
+    for line_no, obj in read_jsonl(path):
+        text = obj.get(text_field)
+        if not isinstance(text, str):
+            raise JsonlError(f"{path}:{line_no}: expected a JSON object with a string {text_field!r} field")
+        yield line_no, text
 
 
 def _shard_documents(directory: Path):

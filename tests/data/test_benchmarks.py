@@ -36,7 +36,6 @@ def test_mmlu_reader_finds_the_config_directory_and_keeps_subject_and_index():
 
 
 def test_mmlu_parquet_reads_the_same_items_as_jsonl():
-    pytest.importorskip("pyarrow")
     files = split_files("mmlu_hf", FIX / "mmlu_parquet", "test")
     assert [f.name for f in files] == ["test-00000-of-00001.parquet"]
     assert load_benchmark("mmlu_hf", FIX / "mmlu_parquet", "test") == load_benchmark("mmlu_hf", FIX / "mmlu", "test")

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from data.configfile import ConfigError
-from data.decontaminate import DecontaminateConfig, Decontaminator, main, ngram_hashes, normalize, run
+from data.contamination import Decontaminator, ngram_hashes, normalize
+from data.decontaminate import DecontaminateConfig, main, run
 from tests.helpers.files import write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]

@@ -40,6 +40,17 @@ def cluster_problem() -> str | None:
     return None
 
 
+def require_cluster() -> None:
+    """Skip without a usable cluster, unless PHI4_REQUIRE_SLURM=1 (CI), where that is a failure."""
+    import pytest
+
+    problem = cluster_problem()
+    if problem:
+        if os.environ.get("PHI4_REQUIRE_SLURM") == "1":
+            pytest.fail(f"PHI4_REQUIRE_SLURM=1 but no usable Slurm cluster: {problem}")
+        pytest.skip(problem)
+
+
 def sbatch(script: str | Path, args: list[str], *, cwd: Path, opts: list[str] = (), env: dict | None = None) -> int:
     """Submit `script args` with the test options plus `opts`, from `cwd` (where the logs land); return the job id."""
     cmd = ["sbatch", "--parsable", *TEST_SBATCH_OPTS, *opts, str(script), *args]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.data.test_decontaminate_batch import BOILER, _outputs, _sharded_inputs
-from tests.helpers.slurm import REPO, TEST_SBATCH_OPTS, cancel, cluster_problem, wait_done
+from tests.helpers.slurm import REPO, TEST_SBATCH_OPTS, cancel, require_cluster, wait_done
 from tests.slurm.test_synth_array import wait_array
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -33,11 +33,7 @@ OPTS = [o for o in TEST_SBATCH_OPTS if not o.startswith("--signal")]
 
 @pytest.fixture(scope="module")
 def cluster():
-    problem = cluster_problem()
-    if problem:
-        if os.environ.get("PHI4_REQUIRE_SLURM") == "1":
-            pytest.fail(f"PHI4_REQUIRE_SLURM=1 but no usable Slurm cluster: {problem}")
-        pytest.skip(problem)
+    require_cluster()
 
 
 def _config(root: Path) -> Path:
@@ -47,6 +43,22 @@ def _config(root: Path) -> Path:
                                   "allowlist": [BOILER], "max_examples": 50,
                                   "benchmarks": [{"name": "b", "path": bench, "fields": ["q"]}]}))
     return config
+
+
+def _submit_and_wait(tmp_path: Path, module: str, config) -> tuple[dict, dict, str]:
+    """submit_data_array.sh MODULE CONFIG N from tmp_path; (array tasks' info, merge job's info, all job logs)."""
+    proc = subprocess.run(["bash", str(SUBMIT), module, str(config), str(N), *OPTS], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    array = int(re.search(r"^shards: array job (\d+) ", proc.stdout, re.M)[1])
+    merge = int(re.search(rf"^merge: job (\d+) after {array} ", proc.stdout, re.M)[1])
+    try:
+        tasks = wait_array(array, set(range(N)), JOB_TIMEOUT_S)
+        merged = wait_done(merge, JOB_TIMEOUT_S)
+    finally:
+        cancel(array)
+        cancel(merge)
+    return tasks, merged, "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("phi4-data-*")))
 
 
 def test_dry_run_prints_the_array_and_the_dependent_merge(tmp_path):
@@ -75,18 +87,7 @@ def test_array_and_merge_write_what_one_process_writes(tmp_path, cluster):
     expected = _outputs(out)
     assert json.loads(expected["decontamination_report.json"])["totals"]["contaminated"] > 0
     shutil.rmtree(out)
-    proc = subprocess.run(["bash", str(SUBMIT), "data.decontaminate", str(config), str(N), *OPTS], cwd=tmp_path,
-                          env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    array = int(re.search(r"^shards: array job (\d+) ", proc.stdout, re.M)[1])
-    merge = int(re.search(rf"^merge: job (\d+) after {array} ", proc.stdout, re.M)[1])
-    try:
-        tasks = wait_array(array, set(range(N)), JOB_TIMEOUT_S)
-        merged = wait_done(merge, JOB_TIMEOUT_S)
-    finally:
-        cancel(array)
-        cancel(merge)
-    logs = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("phi4-data-*")))
+    tasks, merged, logs = _submit_and_wait(tmp_path, "data.decontaminate", str(config))
     assert all(t["JobState"] == "COMPLETED" and t["ExitCode"] == "0:0" for t in tasks.values()), (tasks, logs)
     assert {t["NodeList"] for t in tasks.values()} == {"n1", "n2"}, tasks  # one task per node
     assert merged["JobState"] == "COMPLETED", (merged, logs)
@@ -112,18 +113,7 @@ def test_prepare_array_and_merge_write_the_shards_one_process_writes(tmp_path, c
     local = subprocess.run([sys.executable, "-m", "data.prepare", str(tmp_path / "one.yaml")], cwd=REPO, env=ENV,
                            capture_output=True, text=True, timeout=300)
     assert local.returncode == 0, local.stderr
-    proc = subprocess.run(["bash", str(SUBMIT), "data.prepare", str(tmp_path / "array.yaml"), str(N), *OPTS],
-                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    array = int(re.search(r"^shards: array job (\d+) ", proc.stdout, re.M)[1])
-    merge = int(re.search(rf"^merge: job (\d+) after {array} ", proc.stdout, re.M)[1])
-    try:
-        tasks = wait_array(array, set(range(N)), JOB_TIMEOUT_S)
-        merged = wait_done(merge, JOB_TIMEOUT_S)
-    finally:
-        cancel(array)
-        cancel(merge)
-    logs = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("phi4-data-*")))
+    tasks, merged, logs = _submit_and_wait(tmp_path, "data.prepare", str(tmp_path / "array.yaml"))
     assert all(t["JobState"] == "COMPLETED" and t["ExitCode"] == "0:0" for t in tasks.values()), (tasks, logs)
     assert {t["NodeList"] for t in tasks.values()} == {"n1", "n2"} and merged["JobState"] == "COMPLETED", logs
     one, got = _files(tmp_path / "one"), _files(tmp_path / "array")
@@ -149,18 +139,7 @@ def test_pts_array_and_merge_write_the_pairs_one_process_writes(tmp_path, cluste
     local = subprocess.run([sys.executable, "-m", "train.pts", str(tmp_path / "one.yaml")], cwd=REPO, env=ENV,
                            capture_output=True, text=True, timeout=300)
     assert local.returncode == 0, local.stderr[-3000:]
-    proc = subprocess.run(["bash", str(SUBMIT), "train.pts", str(tmp_path / "arr.yaml"), str(N), *OPTS],
-                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    array = int(re.search(r"^shards: array job (\d+) ", proc.stdout, re.M)[1])
-    merge = int(re.search(rf"^merge: job (\d+) after {array} ", proc.stdout, re.M)[1])
-    try:
-        tasks = wait_array(array, set(range(N)), JOB_TIMEOUT_S)
-        merged = wait_done(merge, JOB_TIMEOUT_S)
-    finally:
-        cancel(array)
-        cancel(merge)
-    logs = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("phi4-data-*")))
+    tasks, merged, logs = _submit_and_wait(tmp_path, "train.pts", str(tmp_path / "arr.yaml"))
     assert all(t["JobState"] == "COMPLETED" for t in tasks.values()) and merged["JobState"] == "COMPLETED", logs
     assert {t["NodeList"] for t in tasks.values()} == {"n1", "n2"}, tasks
     one = (tmp_path / "one" / "pairs.jsonl").read_bytes()

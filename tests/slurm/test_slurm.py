@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers.slurm import (REPO, TEST_SBATCH_OPTS, cancel, cluster_problem, job_info, job_logs, read_metrics,
+from tests.helpers.slurm import (REPO, TEST_SBATCH_OPTS, cancel, job_info, job_logs, read_metrics, require_cluster,
                                  sbatch, wait_done, wait_state)
 from tests.helpers.train import check, make_sources, run_train, write_run_config
 
@@ -31,11 +31,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in the plain torchrun referen
 
 @pytest.fixture(scope="module")
 def cluster():
-    problem = cluster_problem()
-    if problem:
-        if os.environ.get("PHI4_REQUIRE_SLURM") == "1":
-            pytest.fail(f"PHI4_REQUIRE_SLURM=1 but no usable Slurm cluster: {problem}")
-        pytest.skip(problem)
+    require_cluster()
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers.slurm import FINAL_STATES, REPO, TEST_SBATCH_OPTS, cancel, cluster_problem, job_info, wait_done
+from tests.helpers.slurm import FINAL_STATES, REPO, TEST_SBATCH_OPTS, cancel, job_info, require_cluster, wait_done
 from tests.helpers.synth import write_jsonl
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -45,11 +45,7 @@ OPTS = [o for o in TEST_SBATCH_OPTS if not o.startswith("--signal")] + ["--signa
 
 @pytest.fixture(scope="module")
 def cluster():
-    problem = cluster_problem()
-    if problem:
-        if os.environ.get("PHI4_REQUIRE_SLURM") == "1":
-            pytest.fail(f"PHI4_REQUIRE_SLURM=1 but no usable Slurm cluster: {problem}")
-        pytest.skip(problem)
+    require_cluster()
 
 
 TOPICS = ["photosynthesis", "prime numbers", "plate tectonics", "binary search", "the water cycle", "vectors"]

@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from data.decontaminate import BenchmarkSpec, DecontaminateConfig, Decontaminator, load_benchmarks, normalize, run
+from data.contamination import Decontaminator, normalize
+from data.decontaminate import BenchmarkSpec, DecontaminateConfig, load_benchmarks, run
 from data.fileio import atomic_write
 from train.bench.data import bench_texts
 from train.bench.timing import cpu_model
