@@ -34,8 +34,10 @@ class DecodeState:
     next_position: torch.Tensor  # (B,) int64: position id of the next token fed (= tokens seen so far)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
-    """Token ids (B,) from logits (B, V): argmax when temperature == 0, else nucleus sampling at `temperature`."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | list[torch.Generator] | None):
+    """Token ids (B,) from logits (B, V): argmax when temperature == 0, else nucleus sampling at `temperature`.
+    `generator`: one for the batch, or one per row (a row's draws then do not depend on the rest of the batch)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1, dtype=torch.float64)  # fp64: the CDF sums 100K entries
@@ -47,7 +49,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     # Inverse-CDF sampling (10x faster than torch.multinomial over a 100K vocabulary on CPU): the first index whose
     # cumulative mass exceeds u * total; zero-probability entries can never be that index.
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    if isinstance(generator, list):
+        u = torch.cat([torch.rand(1, 1, generator=g, device=cdf.device, dtype=cdf.dtype) for g in generator])
+    else:
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    u = u * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
     return (order.gather(-1, choice) if order is not None else choice).squeeze(-1)
 
@@ -116,11 +122,12 @@ def decode_step(model: Transformer, state: DecodeState, tokens: torch.Tensor) ->
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, eos_ids=(EOS_ID,), generator: torch.Generator | None = None,
+             top_p: float = 1.0, eos_ids=(EOS_ID,), generator: torch.Generator | list[torch.Generator] | None = None,
              return_logprobs: bool = True, pad_id: int = PAD_ID) -> list[Generation]:
     """Continue every prompt by up to `max_new_tokens` tokens; a row stops at its first eos id.
 
-    `generator` (on the model's device) makes sampling reproducible. Log-probs are log_softmax of the model's logits
+    `generator` (on the model's device) makes sampling reproducible; a list gives each prompt its own, so a prompt's
+    completion does not depend on which others share its batch. Log-probs are log_softmax of the model's logits
     at the chosen token, whatever the temperature and top_p used for sampling."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -129,8 +136,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
     device = next(model.parameters()).device
-    if generator is not None and torch.device(generator.device).type != device.type:
-        raise ValueError(f"generate: generator on {generator.device} but the model is on {device}")
+    generators = generator if isinstance(generator, list) else [generator]
+    if isinstance(generator, list) and len(generator) != len(prompts):
+        raise ValueError(f"generate: {len(generator)} generators for {len(prompts)} prompts")
+    for g in generators:
+        if g is not None and torch.device(g.device).type != device.type:
+            raise ValueError(f"generate: generator on {g.device} but the model is on {device}")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"generate: prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
@@ -142,7 +153,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     active = torch.arange(len(prompts), device=device)  # batch row -> index into `out`
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # per batch row
     for step in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_p, generator).masked_fill(done, pad_id)  # (b,)
+        rows_gen = [generator[i] for i in active.tolist()] if isinstance(generator, list) else generator
+        token = sample_next(logits, temperature, top_p, rows_gen).masked_fill(done, pad_id)  # (b,)
         if return_logprobs:
             logp = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1).tolist()
         for row, (idx, t, was_done) in enumerate(zip(active.tolist(), token.tolist(), done.tolist())):

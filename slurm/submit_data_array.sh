@@ -8,7 +8,9 @@
 #               the input files over the tasks, one part per file under <output_dir>/.parts/, and its merge replays
 #               them into the same shards one process writes), or train.pts (Pivotal Token Search: question k
 #               goes to shard k % N, each into pairs.shard-<i>-of-<N>.jsonl; the merge writes the pairs in question
-#               order, what one process writes; give GPUs as sbatch options, e.g. --gpus-per-node=1)
+#               order, what one process writes; give GPUs as sbatch options, e.g. --gpus-per-node=1), or train.eval
+#               (evaluation: items n % N == I of every task, into <output_dir>/shards/of-<NNNNN>/; the merge, which
+#               needs no GPU, recomputes each task's metrics from the joined samples and writes results.jsonl)
 #   array job   slurm/data_array.sbatch, --array=0-(N-1) (or LIST): task i runs
 #               `python -m <module> <config> [key=value ...] --shard i/N` -> its part and completion marker
 #               (data.decontaminate: <output_dir>/parts/of-<NNNNN>/part-<iiiii>.*). One CPU task each (#SBATCH defaults
@@ -51,7 +53,8 @@ case "$module" in
     data.decontaminate) schema="data.decontaminate:DecontaminateConfig" ;;
     data.prepare) schema="data.prepare:PrepareConfig" ;;
     train.pts) schema="train.pts.config:PTSConfig" ;;
-    *) echo "module '$module': expected data.decontaminate, data.prepare or train.pts" >&2; exit 2 ;;
+    train.eval) schema="train.eval.config:EvalConfig" ;;
+    *) echo "module '$module': expected data.decontaminate, data.prepare, train.pts or train.eval" >&2; exit 2 ;;
 esac
 opts=()
 while [ $# -gt 0 ] && [ "$1" != -- ]; do opts+=("$1"); shift; done

@@ -36,7 +36,9 @@ def schema_for(path: Path):
         return SynthConfig
     if rel.name.startswith("post_"):
         return PostDataConfig
-    by_name = {"prepare.yaml": PrepareConfig, "pts.yaml": PTSConfig, "eval.yaml": EvalConfig}
+    if rel.name.startswith("eval"):
+        return EvalConfig
+    by_name = {"prepare.yaml": PrepareConfig, "pts.yaml": PTSConfig}
     return by_name.get(rel.name, RunConfig)
 
 

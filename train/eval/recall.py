@@ -72,28 +72,42 @@ def recall_scores(completion: str, value: str) -> dict:
     return {"exact_match": float(first == value), "substring_match": float(value in completion)}
 
 
-def eval_recall(model, tok, probe: RecallProbe, cfg: EvalConfig, device) -> dict:
+def eval_recall(model, tok, probe: RecallProbe, cfg: EvalConfig, device, shard: tuple[int, int] = (0, 1)) -> dict:
+    """Every probe (length-major; probe k of the task goes to array shard k % N), scored; lengths beyond the model's
+    context are skipped (recorded) unless allow_beyond_context."""
     context = model.cfg.max_seq_len
-    per_length, samples = {}, []
-    for length in probe.lengths:
-        probes = [build_recall_prompt(tok, length, probe.seed * 1_000_003 + i, probe.prompt == "chat")
-                  for i in range(probe.samples)]
-        max_new = max(len(tok.encode(f' "{p["value"]}"')) for p in probes) + 4
+    skipped, samples = {}, []
+    for li, length in enumerate(probe.lengths):
+        mine = [i for i in range(probe.samples) if (li * probe.samples + i) % shard[1] == shard[0]]
+        probes = {i: build_recall_prompt(tok, length, probe.seed * 1_000_003 + i, probe.prompt == "chat")
+                  for i in range(probe.samples)}
+        max_new = max(len(tok.encode(f' "{p["value"]}"')) for p in probes.values()) + 4  # the same on every shard
         if length + max_new > context and not probe.allow_beyond_context:
-            per_length[f"len_{length}"] = {"skipped": f"beyond the model's max_seq_len={context}"}
+            skipped[f"len_{length}"] = f"beyond the model's max_seq_len={context}"
+            continue
+        if not mine:
             continue
         with _context_at_least(model, length + max_new):
-            texts = generate_texts(model, tok, [p["ids"] for p in probes], max_new, 0.0, 1.0, cfg, device)
-        scores = [recall_scores(t, p["value"]) for t, p in zip(texts, probes)]
-        per_length[f"len_{length}"] = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
-        samples += [{"length": length, "key": p["key"], "value": p["value"], "position": p["position"],
-                     "pairs": p["pairs"], "completion": t, **s} for p, t, s in zip(probes, texts, scores)]
-    metrics = {f"{name}/{k}": v for name, m in per_length.items() for k, v in m.items() if k != "skipped"}
-    done = [m for m in per_length.values() if "skipped" not in m]
-    if done:
-        metrics["mean/substring_match"] = sum(m["substring_match"] for m in done) / len(done)
-    skipped = {name: m["skipped"] for name, m in per_length.items() if "skipped" in m}
-    return {"task": "json_kv", "kind": "recall", "metrics": metrics, "skipped": skipped, "samples": samples}
+            texts = generate_texts(model, tok, [probes[i]["ids"] for i in mine], max_new, 0.0, 1.0, cfg, device)
+        for i, t in zip(mine, texts):
+            p = probes[i]
+            samples.append({"index": li * probe.samples + i, "length": length, "key": p["key"], "value": p["value"],
+                            "position": p["position"], "pairs": p["pairs"], "completion": t,
+                            **recall_scores(t, p["value"])})
+    return {"task": "json_kv", "kind": "recall", "metrics": recall_metrics(probe, samples), "skipped": skipped,
+            "samples": samples}
+
+
+def recall_metrics(probe: RecallProbe | None, samples: list[dict]) -> dict:
+    """Exact and substring match per length and their mean over lengths, from the samples alone."""
+    per_length: dict[str, list[dict]] = {}
+    for s in sorted(samples, key=lambda s: s["index"]):
+        per_length.setdefault(f"len_{s['length']}", []).append(s)
+    metrics = {f"{name}/{k}": sum(s[k] for s in rows) / len(rows)
+               for name, rows in per_length.items() for k in ("exact_match", "substring_match")}
+    if per_length:
+        metrics["mean/substring_match"] = sum(metrics[f"{name}/substring_match"] for name in per_length) / len(per_length)
+    return metrics
 
 
 @contextmanager

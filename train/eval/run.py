@@ -15,8 +15,9 @@ Face layouts; `data/benchmarks.py`):
   target length in tokens, then the value of one key; scored by exact match and substring match (SubEM).
 Results go to `<output_dir>/results.jsonl` (one record per task), per-item samples to `<output_dir>/samples/`, and
 wandb under `eval/`. `evaluate(model, tokenizer, cfg, device)` is the in-loop entry point (flat metric dict).
-The tasks are implemented in `train/eval_tasks.py` (multiple choice, generative, perplexity) and
-`train/eval_recall.py` (recall); this file holds the configuration, model loading, running and results.
+The tasks are implemented in `train/eval/tasks.py` (multiple choice, generative), `train/eval/perplexity.py` and
+`train/eval/recall.py`; this file holds model loading, running and results. With `--shard I/N` a process scores the
+items n % N == I of every task (one Slurm array task) and `--merge N` joins them (`train/eval/shards.py`).
 
 Distributed use: every rank runs every task on the same items, so forwards match rank for rank (ZeRO-3 safe). Under
 ZeRO-3 (parameters carry `ds_id`) generation never stops early: it runs max_new_tokens steps on every rank and the
@@ -30,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from data.arrays import split_array_flags
 from data.fileio import JsonlError, atomic_write, read_jsonl
 from data.tokenizer import Phi4Tokenizer
 from model.transformer import Transformer
@@ -38,7 +40,9 @@ from train.config import ConfigError, load_config, to_dict
 from train.distributed import DTYPES, resolve_device, resolve_precision
 from train.eval.config import EvalConfig
 from train.eval.recall import eval_recall
-from train.eval.tasks import eval_generative, eval_multiple_choice, eval_perplexity, task_rows
+from train.eval.perplexity import eval_perplexity
+from train.eval.shards import completed_shard, merge_shards, shard_path, write_shard
+from train.eval.tasks import eval_generative, eval_multiple_choice, gen_metrics, mc_metrics, task_rows
 
 log = logging.getLogger("eval")
 
@@ -46,27 +50,32 @@ log = logging.getLogger("eval")
 # ---- running ----------------------------------------------------------------------------------------------------
 KIND_PREFIX = {"multiple_choice": "mc", "generative": "gen", "perplexity": "ppl",
                "perplexity_by_provenance": "ppl_by_provenance", "recall": "recall"}
+# Config section -> (its task function, its metrics from samples). A task function takes (model, tok, task, cfg,
+# device, shard) and returns {"task", "kind" (the section's name), "metrics", "samples"}; every sample carries
+# "index", its item's position in the whole task, and the metrics are a function of the samples alone, so the merge
+# of array shards (train/eval/shards.py) recomputes exactly what one process reports.
+TASK_SECTIONS = {"multiple_choice": (eval_multiple_choice, mc_metrics), "generative": (eval_generative, gen_metrics)}
 
 
-def run_tasks(model, tok, cfg: EvalConfig, device) -> list[dict]:
-    """Every configured task; one record each (with per-item `samples` where they exist)."""
+def run_tasks(model, tok, cfg: EvalConfig, device, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Every configured task (only its items n % N == I for array shard (I, N)); one record each, with `samples`."""
     was_training = model.training
     model.eval()
     records = []
     try:
-        jobs = [(eval_multiple_choice, t) for t in cfg.multiple_choice] + \
-               [(eval_generative, t) for t in cfg.generative]
-        for fn, task in jobs:
-            t0 = time.perf_counter()
-            record = {**fn(model, tok, task, cfg, device), "time_s": time.perf_counter() - t0}
-            if task.paper_score is not None:  # the paper's number for this protocol, for the recipe summary
-                record["paper_score"] = task.paper_score
-            records.append(record)
+        for section, (fn, _) in TASK_SECTIONS.items():
+            for task in getattr(cfg, section):
+                t0 = time.perf_counter()
+                record = {**fn(model, tok, task, cfg, device, shard), "time_s": time.perf_counter() - t0}
+                if task.paper_score is not None:  # the paper's number for this protocol, for the recipe summary
+                    record["paper_score"] = task.paper_score
+                records.append(record)
         if cfg.perplexity:
-            records += eval_perplexity(model, tok, cfg.perplexity, cfg, device)
+            records += eval_perplexity(model, tok, cfg.perplexity, cfg, device, shard)
         if cfg.recall.lengths:
             t0 = time.perf_counter()
-            records.append({**eval_recall(model, tok, cfg.recall, cfg, device), "time_s": time.perf_counter() - t0})
+            records.append({**eval_recall(model, tok, cfg.recall, cfg, device, shard),
+                            "time_s": time.perf_counter() - t0})
     finally:
         model.train(was_training)
     return records
@@ -135,21 +144,38 @@ def _log_wandb(cfg: EvalConfig, metrics: dict, info: dict, label: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m train.eval <config.yaml> [key=value ...]   (e.g. model_path=runs/smoke/sft)")
+        print("usage: python -m train.eval <config.yaml> [key=value ...] [--shard I/N | --merge N]\n"
+              "  (e.g. model_path=runs/smoke/sft; --shard/--merge: slurm/submit_data_array.sh train.eval ...)")
         return 0 if args else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        args, shard, merge_n = split_array_flags(args)
         cfg = load_config(args[0], args[1:], schema=EvalConfig)
         if not cfg.output_dir:
             raise ConfigError(f"{args[0]}: output_dir is empty")
-        check_inputs(cfg)
+        if merge_n is None:
+            check_inputs(cfg)
     except (ConfigError, JsonlError, ValueError) as e:  # BenchmarkError is a ValueError
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
-    device = resolve_device(cfg.device)
-    model, info = load_model(cfg.model_path, device, DTYPES[resolve_precision(cfg.precision, device)])
-    label = cfg.label or (f"{Path(info['source']).name}" if info["step"] is None else f"step_{info['step']}")
-    records = run_tasks(model, Phi4Tokenizer(), cfg, device)
+    if merge_n is not None:
+        try:
+            records, info, label = merge_shards(cfg, merge_n, TASK_SECTIONS)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    else:
+        if shard is not None and completed_shard(cfg, *shard):
+            print(f"shard {shard[0]}/{shard[1]} already done: {shard_path(cfg, *shard)}")
+            return 0
+        device = resolve_device(cfg.device)
+        model, info = load_model(cfg.model_path, device, DTYPES[resolve_precision(cfg.precision, device)])
+        label = cfg.label or (f"{Path(info['source']).name}" if info["step"] is None else f"step_{info['step']}")
+        records = run_tasks(model, Phi4Tokenizer(), cfg, device, shard or (0, 1))
+        if shard is not None:
+            path = write_shard(cfg, *shard, records, info, label)
+            print(f"shard {shard[0]}/{shard[1]}: {len(records)} task parts -> {path}")
+            return 0
     path = write_results(cfg, records, info, label)
     metrics = flatten(records)
     if cfg.wandb.mode != "disabled":

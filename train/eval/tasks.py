@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -167,44 +168,65 @@ def mc_predictions(logprobs: list[float], tokens: list[int], continuations: list
             "acc_per_token": int(np.argmax([lp / n for lp, n in zip(logprobs, tokens)]))}
 
 
-def eval_multiple_choice(model, tok, task: MultipleChoiceTask, cfg: EvalConfig, device) -> dict:
+def shard_indices(count: int, shard: tuple[int, int]) -> list[int]:
+    """The item indices array task I of N scores: n % N == I (every shard draws the same shots)."""
+    i, n = shard
+    return list(range(i, count, n))
+
+
+def eval_multiple_choice(model, tok, task: MultipleChoiceTask, cfg: EvalConfig, device,
+                         shard: tuple[int, int] = (0, 1)) -> dict:
     if task.format == "mmlu":  # shots per subject, from the dev split (fewshot_path), never from the scored rows
         items, pool = task_rows(task, ("question", "choices", "answer"), shots=task.k_shot > 0)
         items = items[:task.limit] if task.limit else items
     else:
         shots, items = _shots_and_items(task, ("question", "choices", "answer"))
+    indices = shard_indices(len(items), shard)
     requests, owner, item_conts = [], [], []
-    for n, item in enumerate(items):
+    for n in indices:
+        item = items[n]
         if task.format == "mmlu":
             shots = mmlu_shots(item, pool, task.k_shot, task.subject, fewshot_where(task))
         context, conts = mc_prompt(item, shots, task.format, task.subject)
         item_conts.append(conts)
         ctx_ids = tok.encode(context)
         requests += [(ctx_ids, tok.encode(c)) for c in conts]
-        owner += [n] * len(conts)
+        owner += [len(item_conts) - 1] * len(conts)
     scores = continuation_logprobs(model, requests, cfg.batch_size, device, _max_len(model, cfg))
-    per_item: list[list[tuple[float, int]]] = [[] for _ in items]
-    for n, s in zip(owner, scores):
-        per_item[n].append(s)
-    samples, hits = [], dict.fromkeys(MC_METRICS, 0)
-    for item, conts, sc in zip(items, item_conts, per_item):
-        pred = mc_predictions([s for s, _ in sc], [n for _, n in sc], conts)
-        for key in hits:
-            hits[key] += int(pred[key] == int(item["answer"]))
-        samples.append({"id": item.get("id"), "answer": int(item["answer"]),
+    per_item: list[list[tuple[float, int]]] = [[] for _ in indices]
+    for k, s in zip(owner, scores):
+        per_item[k].append(s)
+    samples = []
+    for n, conts, sc in zip(indices, item_conts, per_item):
+        pred = mc_predictions([s for s, _ in sc], [k for _, k in sc], conts)
+        samples.append({"index": n, "id": items[n].get("id"), "answer": int(items[n]["answer"]),
                         **{f"pred_{k}": v for k, v in pred.items()},
-                        "logprob_sum": [s for s, _ in sc], "tokens": [n for _, n in sc]})
-    n = max(len(items), 1)
+                        "logprob_sum": [s for s, _ in sc], "tokens": [k for _, k in sc]})
+    return {"task": task.name, "kind": "multiple_choice", "metrics": mc_metrics(task, samples), "samples": samples}
+
+
+def mc_metrics(task: MultipleChoiceTask, samples: list[dict]) -> dict:
+    """The task's metrics from its per-item samples alone (one process, or the merge of array shards)."""
+    hits = {k: sum(int(s[f"pred_{k}"] == s["answer"]) for s in samples) for k in MC_METRICS}
+    n = max(len(samples), 1)
     primary = "acc_per_token" if task.primary == "per_token" else task.primary
-    metrics = {"accuracy": hits[primary] / n, **{k: v / n for k, v in hits.items()},
-               "items": len(items), "k_shot": task.k_shot}
-    return {"task": task.name, "kind": "multiple_choice", "metrics": metrics, "samples": samples}
+    return {"accuracy": hits[primary] / n, **{k: v / n for k, v in hits.items()},
+            "items": len(samples), "k_shot": task.k_shot}
 
 
 # ---- generation -------------------------------------------------------------------------------------------------
+def row_generators(seed: int, task: str, rows: list[tuple[int, int]], device) -> list[torch.Generator]:
+    """One generator per (item index, sample), seeded from the eval seed, the task and the row alone: a completion is
+    the same whichever array shard, batch or batch size it is generated in."""
+    return [torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{task}:{n}:{s}".encode()))
+            for n, s in rows]
+
+
 def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                   cfg: EvalConfig, device, seed_offset: int = 0) -> list[str]:
-    """Completions (decoded, cut before the first stop token) of every prompt, in batches of cfg.batch_size."""
+                   cfg: EvalConfig, device, seed_offset: int = 0,
+                   generators: list[torch.Generator] | None = None) -> list[str]:
+    """Completions (decoded, cut before the first stop token) of every prompt, in batches of cfg.batch_size.
+    `generators`: one per prompt (see row_generators); else one for all, seeded by cfg.seed + seed_offset."""
     uniform = is_zero3(model)  # same number of decode steps on every rank
     generator = torch.Generator(device=device).manual_seed(cfg.seed + seed_offset)
     keep = model.cfg.max_seq_len - max_new_tokens
@@ -216,8 +238,9 @@ def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, te
         prompts = [p[-keep:] for p in prompts]
     texts = []
     for start in range(0, len(prompts), cfg.batch_size):
+        gen = generators[start:start + cfg.batch_size] if generators is not None else generator
         outs = generate(model, prompts[start:start + cfg.batch_size], max_new_tokens, temperature, top_p,
-                        eos_ids=() if uniform else STOP_IDS, generator=generator, return_logprobs=False)
+                        eos_ids=() if uniform else STOP_IDS, generator=gen, return_logprobs=False)
         for o in outs:
             ids = o.tokens
             cut = next((j for j, t in enumerate(ids) if t in STOP_IDS), len(ids))
@@ -275,104 +298,34 @@ def grade_completions(items: list[dict], rows: list[tuple[int, int]], texts: lis
     return correct
 
 
-def eval_generative(model, tok, task: GenerativeTask, cfg: EvalConfig, device) -> dict:
+def eval_generative(model, tok, task: GenerativeTask, cfg: EvalConfig, device,
+                    shard: tuple[int, int] = (0, 1)) -> dict:
     shots, items = _shots_and_items(task, ("answer",))
-    prompts = [generative_prompt(tok, item, shots, task.prompt) for item in items]
-    rows = [(n, s) for s in range(task.num_samples) for n in range(len(items))]
+    indices = shard_indices(len(items), shard)
+    prompts = {n: generative_prompt(tok, items[n], shots, task.prompt) for n in indices}
+    rows = [(n, s) for n in indices for s in range(task.num_samples)]  # (item index, sample), the samples' order
     texts = generate_texts(model, tok, [prompts[n] for n, _ in rows], task.max_new_tokens, task.temperature,
-                           task.top_p, cfg, device)
+                           task.top_p, cfg, device, generators=row_generators(cfg.seed, task.name, rows, device))
     if task.prompt == "plain":  # a base model continues with the next few-shot block: keep the first answer only
         texts = [t.split("\nQuestion:")[0] for t in texts]
     correct = grade_completions(items, rows, texts)
-    samples = [{"id": items[n].get("id"), "sample": s, "oracle": items[n].get("oracle", "math"),
+    samples = [{"index": n, "id": items[n].get("id"), "sample": s, "oracle": items[n].get("oracle", "math"),
                 "answer": items[n]["answer"], "completion": texts[j], "extracted": extract_answer(texts[j]),
-                "correct": correct[j]} for j, (n, s) in enumerate(rows)]
-    metrics = {"accuracy": sum(correct) / max(len(rows), 1), "items": len(items), "k_shot": task.k_shot,
-               "samples_per_item": task.num_samples, "temperature": task.temperature,
-               "answer_found": sum(s["extracted"] is not None for s in samples) / max(len(rows), 1)}
-    if any(item.get("uncheckable") for item in items):  # scored as not passed: the accuracy is a lower bound
-        metrics["items_uncheckable"] = sum(bool(item.get("uncheckable")) for item in items)
+                "correct": correct[j], **({"uncheckable": True} if items[n].get("uncheckable") else {})}
+               for j, (n, s) in enumerate(rows)]
+    return {"task": task.name, "kind": "generative", "metrics": gen_metrics(task, samples), "samples": samples}
+
+
+def gen_metrics(task: GenerativeTask, samples: list[dict]) -> dict:
+    """The task's metrics from its per-completion samples alone (one process, or the merge of array shards)."""
+    n = max(len(samples), 1)
+    metrics = {"accuracy": sum(s["correct"] for s in samples) / n, "items": len({s["index"] for s in samples}),
+               "k_shot": task.k_shot, "samples_per_item": task.num_samples, "temperature": task.temperature,
+               "answer_found": sum(s["extracted"] is not None for s in samples) / n}
+    uncheckable = {s["index"] for s in samples if s.get("uncheckable")}
+    if uncheckable:  # scored as not passed: the accuracy is a lower bound
+        metrics["items_uncheckable"] = len(uncheckable)
     for oracle in sorted({s["oracle"] for s in samples}):
         hits = [s["correct"] for s in samples if s["oracle"] == oracle]
         metrics[f"accuracy_{oracle}"] = sum(hits) / len(hits)
-    return {"task": task.name, "kind": "generative", "metrics": metrics, "samples": samples}
-
-
-# ---- perplexity -------------------------------------------------------------------------------------------------
-def perplexity_documents(src: PerplexitySource, tok) -> tuple[str, list[np.ndarray]]:
-    """(provenance, token arrays each ending with eod) of the documents a source contributes."""
-    path = Path(src.path)
-    if path.is_dir():
-        from data.mixture import held_out_mask
-        from data.shards import ShardedSource
-
-        sharded = ShardedSource(path)
-        if src.provenance and src.provenance != sharded.provenance:
-            raise ConfigError(f"perplexity source {src.name}: provenance {src.provenance!r} but "
-                              f"{path}/manifest.json says {sharded.provenance!r}")
-        provenance = sharded.provenance
-        doc_ids = range(sharded.num_docs)
-        if src.held_out_fraction > 0:
-            doc_ids = np.flatnonzero(held_out_mask(sharded.num_docs, src.held_out_fraction, src.seed)).tolist()
-        docs = (np.asarray(sharded.doc(int(i)), dtype=np.int64) for i in doc_ids)
-    else:
-        if not src.provenance:
-            raise ConfigError(f"perplexity source {src.name}: a jsonl source needs provenance (synthetic|organic)")
-        provenance = src.provenance
-        rows = read_jsonl(path, (src.text_field,))
-        docs = (np.array(tok.encode(r[src.text_field]) + [EOD_ID], dtype=np.int64) for r in rows)
-    out, tokens = [], 0  # tokens = predicted tokens (a document's first is never predicted)
-    for d in docs:
-        if (src.max_docs and len(out) >= src.max_docs) or (src.max_tokens and tokens >= src.max_tokens):
-            break
-        if src.max_tokens:
-            d = d[:src.max_tokens - tokens + 1]  # the last document may be cut to land on the cap
-        if len(d) >= 2:
-            out.append(d)
-            tokens += len(d) - 1
-    return provenance, out
-
-
-@torch.no_grad()
-def document_nll(model, docs: list[np.ndarray], seq_len: int, batch_size: int, device) -> tuple[float, int]:
-    """(summed NLL in nats, predicted tokens) over documents, each scored alone in windows of seq_len inputs
-    (windows overlap by one token, so every token but a document's first is predicted once)."""
-    windows = [d[s:s + seq_len + 1] for d in docs for s in range(0, len(d) - 1, seq_len)]
-    windows.sort(key=len, reverse=True)
-    total, count = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start:start + batch_size]
-        T = len(batch[0]) - 1
-        ids = torch.full((len(batch), T), PAD_ID, dtype=torch.long)
-        labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
-        for r, w in enumerate(batch):
-            ids[r, :len(w) - 1] = torch.from_numpy(w[:-1])
-            labels[r, :len(w) - 1] = torch.from_numpy(w[1:])
-        nll = model(ids.to(device), labels=labels.to(device), reduction="none")
-        total += float(nll.double().sum())
-        count += int((labels != IGNORE_INDEX).sum())
-    return total, count
-
-
-def eval_perplexity(model, tok, sources: list[PerplexitySource], cfg: EvalConfig, device) -> list[dict]:
-    """One record per source, then one per provenance (token-weighted over its sources)."""
-    records, by_prov = [], {}
-    for src in sources:
-        t0 = time.perf_counter()
-        provenance, docs = perplexity_documents(src, tok)
-        nll, n = document_nll(model, docs, _max_len(model, cfg), cfg.batch_size, device)
-        agg = by_prov.setdefault(provenance, [0.0, 0, []])
-        agg[0], agg[1] = agg[0] + nll, agg[1] + n
-        agg[2].append(src.name)
-        records.append({"task": src.name, "kind": "perplexity", "metrics": _ppl(nll, n, len(docs)),
-                        "provenance": provenance, "time_s": time.perf_counter() - t0})
-    for provenance, (nll, n, names) in sorted(by_prov.items()):
-        records.append({"task": provenance, "kind": "perplexity_by_provenance", "metrics": _ppl(nll, n),
-                        "sources": names})
-    return records
-
-
-def _ppl(nll: float, n: int, docs: int | None = None) -> dict:
-    mean = nll / n if n else float("nan")
-    out = {"nll": mean, "perplexity": math.exp(mean) if n else float("nan"), "tokens": n}
-    return {**out, "documents": docs} if docs is not None else out
+    return metrics

@@ -22,6 +22,8 @@ Exit 0 when clean, 2 with every problem listed.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import time
 from contextlib import contextmanager
@@ -297,8 +299,11 @@ class DryRun:
     def _eval(self, stage: RecipeStage) -> None:
         args = self._args(stage, "train.eval")
         cfg = load_config(args[0], args[1:], schema=EvalConfig)
-        for section in ("multiple_choice", "generative", "perplexity"):
+        sections = [f.name for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), list)]
+        for section in sections:  # every task list (multiple_choice, generative, chat, long_context, perplexity)
             for i, task in enumerate(getattr(cfg, section)):
+                if not getattr(task, "path", ""):
+                    continue  # a task generated from nothing (no file to find)
                 self.need(stage.name, f"{section}[{i}] ({task.name}).path", task.path)
                 if getattr(task, "fewshot_path", ""):
                     self.need(stage.name, f"{section}[{i}] ({task.name}).fewshot_path", task.fewshot_path)
