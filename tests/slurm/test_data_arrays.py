@@ -1,4 +1,5 @@
-"""Decontamination as a Slurm array on the real test cluster (.ci/slurm-up.sh: nodes n1 and n2).
+"""The data arrays (slurm/submit_data_array.sh + slurm/data_array.sbatch) on the real test cluster (.ci/slurm-up.sh:
+nodes n1 and n2): decontamination, data.prepare, PTS and evaluation.
 
 slurm/submit_data_array.sh submits N shards (slurm/data_array.sbatch, one array task each, `python -m
 data.decontaminate CONFIG --shard i/N`) and the merge after them (afterok + kill-on-invalid-dep). What is checked: one
@@ -144,3 +145,40 @@ def test_pts_array_and_merge_write_the_pairs_one_process_writes(tmp_path, cluste
     assert {t["NodeList"] for t in tasks.values()} == {"n1", "n2"}, tasks
     one = (tmp_path / "one" / "pairs.jsonl").read_bytes()
     assert one.strip() and (tmp_path / "arr" / "pairs.jsonl").read_bytes() == one
+
+
+def test_eval_array_and_merge_write_the_results_one_process_writes(tmp_path, cluster, tok):
+    """Evaluation through the same scripts: items split over two tasks on two nodes (`train.eval --shard i/2`), the
+    merge after them (no model), results and samples those of one process (sampled completions included)."""
+    import yaml
+
+    from tests.helpers.eval_models import random_model
+    from train.export.hf import to_hf
+
+    to_hf(random_model(4), tmp_path / "model")
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps({"question": f"{i} + 1?", "choices": [str(i + 1), "x"],
+                                                           "answer": 0}) + "\n" for i in range(5)))
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question": f"{i} + {i}?", "answer": str(2 * i)}) + "\n"
+                                              for i in range(3)))
+    base = {"model_path": str(tmp_path / "model"), "batch_size": 1, "seed": 2, "label": "final", "device": "cpu",
+            "multiple_choice": [{"name": "mc", "path": str(tmp_path / "mc.jsonl")}],
+            "generative": [{"name": "q", "path": str(tmp_path / "q.jsonl"), "max_new_tokens": 4, "temperature": 0.9,
+                            "num_samples": 2}],
+            "recall": {"lengths": [160], "samples": 2}}
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump({**base, "output_dir": str(tmp_path / "one")}))
+    (tmp_path / "arr.yaml").write_text(yaml.safe_dump({**base, "output_dir": str(tmp_path / "arr")}))
+    local = subprocess.run([sys.executable, "-m", "train.eval", str(tmp_path / "one.yaml")], cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    tasks, merged, logs = _submit_and_wait(tmp_path, "train.eval", str(tmp_path / "arr.yaml"))
+    assert all(t["JobState"] == "COMPLETED" for t in tasks.values()) and merged["JobState"] == "COMPLETED", logs
+    assert {t["NodeList"] for t in tasks.values()} == {"n1", "n2"}, tasks
+
+    def results(name):
+        rows = [json.loads(x) for x in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("time", "time_s", "samples_path")} for r in rows]
+
+    assert results("arr") == results("one") and [r["task"] for r in results("one")] == ["mc", "q", "json_kv"]
+    one_samples = sorted(p.name for p in (tmp_path / "one" / "samples").iterdir())
+    assert one_samples and all((tmp_path / "arr" / "samples" / n).read_bytes() ==
+                               (tmp_path / "one" / "samples" / n).read_bytes() for n in one_samples)
