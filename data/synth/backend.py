@@ -36,12 +36,18 @@ class Request:
     seed: int = 0
     stop: tuple = ()
     json_output: bool = False  # ask for a JSON object (response_format); parsers still check what comes back
+    # a completion of token ids (Pivotal Token Search): the prompt as ids, the answer as ids with their log-probs
+    prompt_ids: tuple = ()
+    logprobs: bool = False  # return each sampled token's id and log-prob (Response.token_ids / token_logprobs)
 
     def __post_init__(self):
         if self.kind not in ("chat", "completion"):
             raise ValueError(f"Request.kind={self.kind!r}; expected 'chat' or 'completion'")
-        if (self.kind == "chat") != bool(self.messages) or (self.kind == "completion") != bool(self.prompt):
-            raise ValueError("a chat request needs messages and no prompt; a completion request a prompt")
+        has_prompt = bool(self.prompt) != bool(self.prompt_ids)  # exactly one of the two
+        if (self.kind == "chat") != bool(self.messages) or (self.kind == "completion") != has_prompt or \
+                (self.kind == "chat" and (self.prompt or self.prompt_ids)):
+            raise ValueError("a chat request needs messages and no prompt; a completion request a prompt or "
+                             "prompt_ids (one of them)")
 
     def sampling(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
@@ -51,12 +57,13 @@ class Request:
         d = asdict(self)
         d["messages"] = [list(m) for m in self.messages]
         d["stop"] = list(self.stop)
+        d["prompt_ids"] = list(self.prompt_ids)
         return d
 
     @staticmethod
     def from_json(d: dict) -> "Request":
         return Request(**{**d, "messages": tuple(tuple(m) for m in d.get("messages", ())),
-                          "stop": tuple(d.get("stop", ()))})
+                          "stop": tuple(d.get("stop", ())), "prompt_ids": tuple(d.get("prompt_ids", ()))})
 
     def chat_messages(self) -> list[dict]:
         return [{"role": role, "content": content} for role, content in self.messages]
@@ -76,6 +83,8 @@ class Response:
     completion_tokens: int = 0
     seconds: float = 0.0  # wall time of this request at the client
     error: str = ""  # set when the server rejected the request (the step drops it and counts why)
+    token_ids: list = field(default_factory=list)  # with Request.logprobs: the sampled ids (a stop id included
+    token_logprobs: list = field(default_factory=list)  # when the engine returns it) and their log-probs
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -133,7 +142,10 @@ class OpenAIBackend:
                 choice = out.choices[0]
                 text = choice.message.content or ""
             else:
-                out = await self.client.completions.create(prompt=request.prompt, **common)
+                if request.logprobs:  # vLLM: sampled tokens as "token_id:<id>" (SGLang, llama-server: see below)
+                    common["extra_body"] = {"return_tokens_as_token_ids": True, **(self.cfg.extra_body or {})}
+                out = await self.client.completions.create(prompt=list(request.prompt_ids) or request.prompt,
+                                                           logprobs=1 if request.logprobs else None, **common)
                 choice = out.choices[0]
                 text = choice.text or ""
         except (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
@@ -148,13 +160,37 @@ class OpenAIBackend:
             return Response(finish_reason="error", error=f"HTTP {e.status_code}: {e.message}"[:500],
                             seconds=time.perf_counter() - t0)
         usage = out.usage
-        return Response(text=text, finish_reason=choice.finish_reason or "", model=out.model or self.cfg.model,
-                        prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                        completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-                        seconds=time.perf_counter() - t0)
+        response = Response(text=text, finish_reason=choice.finish_reason or "", model=out.model or self.cfg.model,
+                            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+                            seconds=time.perf_counter() - t0)
+        if request.logprobs:
+            try:
+                response.token_ids, response.token_logprobs = token_ids_from_logprobs(choice.logprobs)
+            except ValueError as e:
+                response.error, response.finish_reason = f"{self.cfg.base_url}: {e}", "error"
+        return response
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def token_ids_from_logprobs(logprobs) -> tuple[list[int], list[float]]:
+    """(ids, log-probs) of a completion choice's `logprobs` (the OpenAI legacy shape: tokens, token_logprobs), whose
+    tokens are "token_id:<id>" as vLLM writes them with return_tokens_as_token_ids; ValueError when the server
+    returned token text (ids cannot be recovered from text pieces)."""
+    tokens = list(getattr(logprobs, "tokens", None) or [])
+    values = list(getattr(logprobs, "token_logprobs", None) or [])
+    if not tokens or len(tokens) != len(values):
+        raise ValueError("no per-token logprobs in the answer: token-level sampling needs a server that returns "
+                         "them (vLLM's /v1/completions with logprobs)")
+    ids = []
+    for t in tokens:
+        if not (isinstance(t, str) and t.startswith("token_id:") and t[9:].isdigit()):
+            raise ValueError(f"the server returned token text ({t!r}), not ids: token-level sampling needs "
+                             "return_tokens_as_token_ids (vLLM >= 0.6) or the vllm / inprocess backend")
+        ids.append(int(t[9:]))
+    return ids, [float(v) if v is not None else 0.0 for v in values]
 
 
 @dataclass
@@ -164,6 +200,7 @@ class VLLMOfflineConfig:
     max_model_len: int = 0  # 0 = the model's
     gpu_memory_utilization: float = 0.9
     batch_size: int = 1024  # requests handed to one LLM.chat / LLM.generate call (vLLM batches inside)
+    enable_prefix_caching: bool = True  # rollouts from one prefix share its KV blocks (PTS: thousands per prefix)
 
 
 class VLLMOfflineBackend:
@@ -180,7 +217,8 @@ class VLLMOfflineBackend:
         self.cfg = cfg
         self.batch_size = cfg.batch_size
         self.llm = LLM(model=cfg.model, tensor_parallel_size=cfg.tensor_parallel_size,
-                       gpu_memory_utilization=cfg.gpu_memory_utilization, **kwargs)
+                       gpu_memory_utilization=cfg.gpu_memory_utilization,
+                       enable_prefix_caching=cfg.enable_prefix_caching, **kwargs)
 
     def identity(self) -> dict:
         return {"backend": "vllm", "model": self.cfg.model}
@@ -192,7 +230,7 @@ class VLLMOfflineBackend:
 
         t0 = time.perf_counter()
         params = [SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=r.seed,
-                                 stop=list(r.stop) or None) for r in requests]
+                                 stop=list(r.stop) or None, logprobs=0 if r.logprobs else None) for r in requests]
         out: list[Response | None] = [None] * len(requests)
         chats = [i for i, r in enumerate(requests) if r.kind == "chat"]
         plain = [i for i, r in enumerate(requests) if r.kind == "completion"]
@@ -202,8 +240,9 @@ class VLLMOfflineBackend:
             for i, res in zip(chats, results):
                 out[i] = self._response(res)
         if plain:
-            results = self.llm.generate([requests[i].prompt for i in plain], [params[i] for i in plain],
-                                        use_tqdm=False)
+            prompts = [{"prompt_token_ids": list(requests[i].prompt_ids)} if requests[i].prompt_ids
+                       else requests[i].prompt for i in plain]
+            results = self.llm.generate(prompts, [params[i] for i in plain], use_tqdm=False)
             for i, res in zip(plain, results):
                 out[i] = self._response(res)
         seconds = (time.perf_counter() - t0) / max(len(requests), 1)
@@ -213,5 +252,9 @@ class VLLMOfflineBackend:
 
     def _response(self, res) -> Response:
         c = res.outputs[0]
+        ids = list(c.token_ids)
+        # with logprobs=0 each position holds the sampled token's Logprob
+        logps = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)] if c.logprobs else []
         return Response(text=c.text, finish_reason=c.finish_reason or "", model=self.cfg.model,
-                        prompt_tokens=len(res.prompt_token_ids or ()), completion_tokens=len(c.token_ids))
+                        prompt_tokens=len(res.prompt_token_ids or ()), completion_tokens=len(ids),
+                        token_ids=ids if c.logprobs else [], token_logprobs=logps)

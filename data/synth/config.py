@@ -37,6 +37,19 @@ class BackendConfig:
     vllm: VLLMOfflineConfig = field(default_factory=VLLMOfflineConfig)
     inprocess: InProcessConfig = field(default_factory=InProcessConfig)
 
+    def validate(self, key: str = "backend") -> None:
+        """ConfigError naming `key`.<field> for a backend that cannot run."""
+        if self.kind not in BACKENDS:
+            raise ConfigError(f"{key}.kind={self.kind!r}; expected one of {list(BACKENDS)}")
+        if self.kind == "openai" and not self.openai.model:
+            raise ConfigError(f"{key}.openai.model is required: the name the server serves (GET /v1/models)")
+        if self.kind == "vllm" and not self.vllm.model:
+            raise ConfigError(f"{key}.vllm.model is required")
+        if self.kind == "inprocess" and not self.inprocess.model:
+            raise ConfigError(f"{key}.inprocess.model is required: a checkpoint, an HF directory or init:<yaml>")
+        if self.concurrency < 1 or self.inprocess.batch_size < 1:
+            raise ConfigError(f"{key}.concurrency and {key}.inprocess.batch_size must be >= 1")
+
 
 @dataclass
 class Sampling:
@@ -141,17 +154,7 @@ class SynthConfig:
     def validate(self) -> None:
         if not self.output_dir:
             raise ConfigError("output_dir is required")
-        b = self.backend
-        if b.kind not in BACKENDS:
-            raise ConfigError(f"backend.kind={b.kind!r}; expected one of {list(BACKENDS)}")
-        if b.kind == "openai" and not b.openai.model:
-            raise ConfigError("backend.openai.model is required: the name the server serves (GET /v1/models)")
-        if b.kind == "vllm" and not b.vllm.model:
-            raise ConfigError("backend.vllm.model is required")
-        if b.kind == "inprocess" and not b.inprocess.model:
-            raise ConfigError("backend.inprocess.model is required: a checkpoint, an HF directory or init:<yaml>")
-        if b.concurrency < 1 or b.inprocess.batch_size < 1:
-            raise ConfigError("backend.concurrency and backend.inprocess.batch_size must be >= 1")
+        self.backend.validate()
         s = self.sampling
         if s.temperature < 0 or not 0 < s.top_p <= 1 or s.max_tokens < 1:
             raise ConfigError(f"sampling: temperature >= 0, top_p in (0, 1], max_tokens >= 1 expected; got {s}")

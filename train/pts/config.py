@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data.synth.config import BackendConfig
 from train.config import ConfigError
 
 SOLUTION_CHOICES = ("sampled", "success", "failure", "both")
@@ -11,6 +12,11 @@ SOLUTION_CHOICES = ("sampled", "success", "failure", "both")
 @dataclass
 class PTSConfig:
     model: str = ""  # a run dir / checkpoint dir (train.checkpoint) or a Hugging Face directory
+    # who samples the rollouts: model = `model` in this process (model/generate.py) | backend = the synthetic-data
+    # engine's backends (train/pts/sampling.py): a vLLM server per node (kind openai, token-id prompts, prefix
+    # caching: every rollout of a prefix shares its KV blocks), vLLM in process (kind vllm), or our model (inprocess)
+    sampler: str = "model"
+    backend: BackendConfig = field(default_factory=BackendConfig)
     questions: str = ""  # jsonl: {"id", "messages" | "question", "oracle": "math"|"code", "answer", "tests"?}
     output: str = ""  # pairs jsonl; .state.jsonl, .summary.json and .config.yaml are written beside it
     p_gap: float = 0.2  # ASSUMPTION: |delta p| threshold; 0.2 is only the paper's figure highlight
@@ -34,7 +40,9 @@ class PTSConfig:
 
     def validate(self) -> None:
         checks = [
-            (bool(self.model and self.questions and self.output), "model, questions and output must be set"),
+            (bool((self.model or self.sampler == "backend") and self.questions and self.output),
+             "model (or sampler: backend), questions and output must be set"),
+            (self.sampler in ("model", "backend"), f"sampler={self.sampler!r}; expected model | backend"),
             (0 < self.p_gap <= 1, f"p_gap={self.p_gap} must be in (0, 1]"),
             (0 <= self.p_low <= self.p_high <= 1, f"need 0 <= p_low={self.p_low} <= p_high={self.p_high} <= 1"),
             (self.rollouts > 0 and self.batch_size > 0 and self.max_new_tokens > 0,
@@ -49,3 +57,5 @@ class PTSConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"pts config: {message}")
+        if self.sampler == "backend":
+            self.backend.validate("pts config: backend")

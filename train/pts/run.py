@@ -23,6 +23,7 @@ import torch
 
 from data.arrays import split_array_flags
 from data.fileio import atomic_path, atomic_write, read_jsonl
+from data.synth.backend import ServerUnavailable
 from train.config import ConfigError, load_config, to_dict, to_yaml
 from train.pts.config import PTSConfig
 from train.pts.search import QuestionResult, search_question
@@ -176,7 +177,7 @@ def run(cfg: PTSConfig) -> dict:
 
     from data.tokenizer import Phi4Tokenizer
 
-    if not Path(cfg.model).exists():
+    if cfg.sampler == "model" and not Path(cfg.model).exists():
         raise FileNotFoundError(f"model={cfg.model}: no such run, checkpoint or Hugging Face directory")
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -192,22 +193,30 @@ def run(cfg: PTSConfig) -> dict:
     start = time.monotonic()
     generated = 0
     if todo:
-        from train.checkpoint import load_model
-        from train.distributed import DTYPES, resolve_device, resolve_precision
-
-        device = resolve_device(cfg.device)
-        model, _ = load_model(cfg.model, device, DTYPES[resolve_precision(cfg.precision, device)])
         tokenizer = Phi4Tokenizer()
+        model, backend_sampler, device = None, None, None
+        if cfg.sampler == "backend":  # a serving engine samples; the context limit is the server's to enforce
+            from train.pts.sampling import BackendSampler
+            from train.synth.backends import make_backend
+
+            backend_sampler = BackendSampler(make_backend(cfg.backend), cfg)
+        else:
+            from train.checkpoint import load_model
+            from train.distributed import DTYPES, resolve_device, resolve_precision
+
+            device = resolve_device(cfg.device)
+            model, _ = load_model(cfg.model, device, DTYPES[resolve_precision(cfg.precision, device)])
         bar = tqdm(todo, desc="PTS", unit="question", file=sys.stderr, dynamic_ncols=True)
         with open(output, "a", encoding="utf-8") as out, open(state_path, "a", encoding="utf-8") as state:
             for item in bar:
                 prompt_ids = tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True)
-                if len(prompt_ids) + cfg.max_new_tokens > model.cfg.max_seq_len:
+                seed = question_seed(cfg.seed, item["id"])
+                if model is not None and len(prompt_ids) + cfg.max_new_tokens > model.cfg.max_seq_len:
                     result = QuestionResult("too_long", None)
                 else:
-                    generator = torch.Generator(device=device).manual_seed(question_seed(cfg.seed, item["id"]))
-                    result = search_question(item["id"], prompt_ids, make_sampler(model, cfg, generator),
-                                             make_judge(item, tokenizer, cfg), cfg)
+                    sample = backend_sampler.for_question(seed) if backend_sampler else \
+                        make_sampler(model, cfg, torch.Generator(device=device).manual_seed(seed))
+                    result = search_question(item["id"], prompt_ids, sample, make_judge(item, tokenizer, cfg), cfg)
                 # Pairs first, then the record that marks the question done: a crash between them is cleaned up.
                 for pair in result.pairs:
                     out.write(json.dumps(pair) + "\n")
@@ -224,6 +233,8 @@ def run(cfg: PTSConfig) -> dict:
                 generated += result.generated_tokens
                 kept = sum(r["status"] == "kept" for r in done.values())
                 bar.set_postfix(kept=kept, pairs=sum(r["pairs"] for r in done.values()))
+        if backend_sampler is not None:
+            backend_sampler.close()
     wall_s = time.monotonic() - start
     summary = {**summarize(done, len(questions)), "this_run": {
         "questions": len(todo), "wall_s": round(wall_s, 3),
@@ -286,5 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ServerUnavailable as e:  # sampler: backend; finished questions are kept, a rerun resumes after them
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print(json.dumps({k: v for k, v in summary.items() if k != "this_run"}), file=sys.stderr)
     return 0

@@ -52,6 +52,8 @@ class InProcessBackend:
     describe = identity
 
     def _prompt_ids(self, r: Request) -> list[int]:
+        if r.prompt_ids:
+            return list(r.prompt_ids)
         if r.kind == "chat":
             return self.tok.apply_chat_template(r.chat_messages(), add_generation_prompt=True)
         return self.tok.encode(r.prompt)
@@ -69,13 +71,13 @@ class InProcessBackend:
                                   error=f"prompt of {len(ids)} tokens leaves no room in max_seq_len {self.max_len}")
                 continue
             new = min(r.max_tokens, room)
-            groups.setdefault((r.temperature, r.top_p, new), []).append((i, ids, r.seed))
-        for (temperature, top_p, new), rows in groups.items():
+            groups.setdefault((r.temperature, r.top_p, new, r.logprobs), []).append((i, ids, r.seed))
+        for (temperature, top_p, new, logprobs), rows in groups.items():
             t0 = time.perf_counter()
             gen = torch.Generator(device=self.device)
             gen.manual_seed(hash(tuple(seed for *_, seed in rows)) & 0x7FFFFFFF)
             results = generate(self.model, [ids for _, ids, _ in rows], new, temperature, top_p,
-                               eos_ids=(self.tok.eos_id,), generator=gen, return_logprobs=False)
+                               eos_ids=(self.tok.eos_id,), generator=gen, return_logprobs=logprobs)
             seconds = (time.perf_counter() - t0) / len(rows)
             for (i, ids, _), g in zip(rows, results):
                 tokens = g.tokens[:-1] if g.finished else g.tokens
@@ -85,5 +87,6 @@ class InProcessBackend:
                     if s in text:
                         text, reason = text[:text.index(s)], "stop"
                 out[i] = Response(text=text, finish_reason=reason, model=self.name, prompt_tokens=len(ids),
-                                  completion_tokens=len(g.tokens), seconds=seconds)
+                                  completion_tokens=len(g.tokens), seconds=seconds,
+                                  token_ids=list(g.tokens) if logprobs else [], token_logprobs=list(g.logprobs))
         return out
