@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.data.test_decontaminate_batch import BOILER, _outputs, _sharded_inputs
+from tests.helpers.files import eval_results
 from tests.helpers.slurm import REPO, TEST_SBATCH_OPTS, cancel, require_cluster, wait_done
 from tests.slurm.test_synth_array import wait_array
 
@@ -121,11 +122,24 @@ def test_prepare_array_and_merge_write_the_shards_one_process_writes(tmp_path, c
     assert one == got and any(k.endswith("manifest.json") for k in one)
 
 
+def _one_process_then_array(tmp_path: Path, module: str, configs: dict) -> None:
+    """`python -m MODULE one.yaml` here, then arr.yaml through the array scripts: every task and the merge done,
+    one task per node (configs: {"one": ..., "arr": ...}, written as YAML into tmp_path)."""
+    import yaml
+
+    for name, cfg in configs.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    local = subprocess.run([sys.executable, "-m", module, str(tmp_path / "one.yaml")], cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    tasks, merged, logs = _submit_and_wait(tmp_path, module, str(tmp_path / "arr.yaml"))
+    assert all(t["JobState"] == "COMPLETED" for t in tasks.values()) and merged["JobState"] == "COMPLETED", logs
+    assert {t["NodeList"] for t in tasks.values()} == {"n1", "n2"}, tasks
+
+
 def test_pts_array_and_merge_write_the_pairs_one_process_writes(tmp_path, cluster, tok):
     """Pivotal Token Search through the same scripts: questions split over two tasks on two nodes (`train.pts
     --shard i/2`), the merge after them, the pairs byte for byte those of one process."""
-    import yaml
-
     from tests.train.pts.test_run import answer_chain_model
     from train.export.hf import to_hf
 
@@ -135,14 +149,8 @@ def test_pts_array_and_merge_write_the_pairs_one_process_writes(tmp_path, cluste
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     base = {"model": str(tmp_path / "model"), "questions": str(tmp_path / "q.jsonl"), "rollouts": 16,
             "batch_size": 16, "max_new_tokens": 7, "device": "cpu", "seed": 3}
-    (tmp_path / "one.yaml").write_text(yaml.safe_dump({**base, "output": str(tmp_path / "one" / "pairs.jsonl")}))
-    (tmp_path / "arr.yaml").write_text(yaml.safe_dump({**base, "output": str(tmp_path / "arr" / "pairs.jsonl")}))
-    local = subprocess.run([sys.executable, "-m", "train.pts", str(tmp_path / "one.yaml")], cwd=REPO, env=ENV,
-                           capture_output=True, text=True, timeout=300)
-    assert local.returncode == 0, local.stderr[-3000:]
-    tasks, merged, logs = _submit_and_wait(tmp_path, "train.pts", str(tmp_path / "arr.yaml"))
-    assert all(t["JobState"] == "COMPLETED" for t in tasks.values()) and merged["JobState"] == "COMPLETED", logs
-    assert {t["NodeList"] for t in tasks.values()} == {"n1", "n2"}, tasks
+    _one_process_then_array(tmp_path, "train.pts", {"one": {**base, "output": str(tmp_path / "one" / "pairs.jsonl")},
+                                                    "arr": {**base, "output": str(tmp_path / "arr" / "pairs.jsonl")}})
     one = (tmp_path / "one" / "pairs.jsonl").read_bytes()
     assert one.strip() and (tmp_path / "arr" / "pairs.jsonl").read_bytes() == one
 
@@ -150,8 +158,6 @@ def test_pts_array_and_merge_write_the_pairs_one_process_writes(tmp_path, cluste
 def test_eval_array_and_merge_write_the_results_one_process_writes(tmp_path, cluster, tok):
     """Evaluation through the same scripts: items split over two tasks on two nodes (`train.eval --shard i/2`), the
     merge after them (no model), results and samples those of one process (sampled completions included)."""
-    import yaml
-
     from tests.helpers.eval_models import random_model
     from train.export.hf import to_hf
 
@@ -165,20 +171,10 @@ def test_eval_array_and_merge_write_the_results_one_process_writes(tmp_path, clu
             "generative": [{"name": "q", "path": str(tmp_path / "q.jsonl"), "max_new_tokens": 4, "temperature": 0.9,
                             "num_samples": 2}],
             "recall": {"lengths": [160], "samples": 2}}
-    (tmp_path / "one.yaml").write_text(yaml.safe_dump({**base, "output_dir": str(tmp_path / "one")}))
-    (tmp_path / "arr.yaml").write_text(yaml.safe_dump({**base, "output_dir": str(tmp_path / "arr")}))
-    local = subprocess.run([sys.executable, "-m", "train.eval", str(tmp_path / "one.yaml")], cwd=REPO, env=ENV,
-                           capture_output=True, text=True, timeout=300)
-    assert local.returncode == 0, local.stderr[-3000:]
-    tasks, merged, logs = _submit_and_wait(tmp_path, "train.eval", str(tmp_path / "arr.yaml"))
-    assert all(t["JobState"] == "COMPLETED" for t in tasks.values()) and merged["JobState"] == "COMPLETED", logs
-    assert {t["NodeList"] for t in tasks.values()} == {"n1", "n2"}, tasks
-
-    def results(name):
-        rows = [json.loads(x) for x in (tmp_path / name / "results.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in ("time", "time_s", "samples_path")} for r in rows]
-
-    assert results("arr") == results("one") and [r["task"] for r in results("one")] == ["mc", "q", "json_kv"]
+    _one_process_then_array(tmp_path, "train.eval", {name: {**base, "output_dir": str(tmp_path / name)}
+                                                     for name in ("one", "arr")})
+    one = eval_results(tmp_path / "one")
+    assert eval_results(tmp_path / "arr") == one and [r["task"] for r in one] == ["mc", "q", "json_kv"]
     one_samples = sorted(p.name for p in (tmp_path / "one" / "samples").iterdir())
     assert one_samples and all((tmp_path / "arr" / "samples" / n).read_bytes() ==
                                (tmp_path / "one" / "samples" / n).read_bytes() for n in one_samples)

@@ -106,7 +106,8 @@ def recall_metrics(probe: RecallProbe | None, samples: list[dict]) -> dict:
     metrics = {f"{name}/{k}": sum(s[k] for s in rows) / len(rows)
                for name, rows in per_length.items() for k in ("exact_match", "substring_match")}
     if per_length:
-        metrics["mean/substring_match"] = sum(metrics[f"{name}/substring_match"] for name in per_length) / len(per_length)
+        means = [metrics[f"{name}/substring_match"] for name in per_length]
+        metrics["mean/substring_match"] = sum(means) / len(means)
     return metrics
 
 

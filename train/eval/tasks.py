@@ -223,12 +223,11 @@ def row_generators(seed: int, task: str, rows: list[tuple[int, int]], device) ->
 
 
 def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                   cfg: EvalConfig, device, seed_offset: int = 0,
-                   generators: list[torch.Generator] | None = None) -> list[str]:
+                   cfg: EvalConfig, device, generators: list[torch.Generator] | None = None) -> list[str]:
     """Completions (decoded, cut before the first stop token) of every prompt, in batches of cfg.batch_size.
-    `generators`: one per prompt (see row_generators); else one for all, seeded by cfg.seed + seed_offset."""
+    `generators`: one per prompt (see row_generators); else one for all, seeded by cfg.seed."""
     uniform = is_zero3(model)  # same number of decode steps on every rank
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + seed_offset)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     keep = model.cfg.max_seq_len - max_new_tokens
     if keep < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "

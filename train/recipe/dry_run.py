@@ -302,8 +302,6 @@ class DryRun:
         sections = [f.name for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), list)]
         for section in sections:  # every task list (multiple_choice, generative, chat, long_context, perplexity)
             for i, task in enumerate(getattr(cfg, section)):
-                if not getattr(task, "path", ""):
-                    continue  # a task generated from nothing (no file to find)
                 self.need(stage.name, f"{section}[{i}] ({task.name}).path", task.path)
                 if getattr(task, "fewshot_path", ""):
                     self.need(stage.name, f"{section}[{i}] ({task.name}).fewshot_path", task.fewshot_path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.helpers.eval_models import random_model
-from tests.helpers.files import write_jsonl
+from tests.helpers.files import eval_results, write_jsonl
 from train.eval.config import EvalConfig, GenerativeTask, MultipleChoiceTask, PerplexitySource, RecallProbe
 from train.eval.run import TASK_SECTIONS, main, run_tasks
 from train.eval.shards import merge_shards, shard_path, write_shard
@@ -100,12 +100,7 @@ def test_cli_shards_then_merge_write_one_process_results(tok, tmp_path):
     assert main([arr, "--shard", "1/2"]) == 0  # already done: exits at once
     assert not (tmp_path / "arr" / "results.jsonl").exists()  # shards alone write no results
     assert main([arr, "--merge", "2"]) == 0
-
-    def results(name):
-        rows = [json.loads(x) for x in (tmp_path / name / "results.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in ("time", "time_s", "samples_path")} for r in rows]
-
-    assert results("arr") == results("one") and len(results("one")) == 3
+    assert eval_results(tmp_path / "arr") == eval_results(tmp_path / "one") and len(eval_results(tmp_path / "one")) == 3
     for f in (tmp_path / "one" / "samples").iterdir():
         assert (tmp_path / "arr" / "samples" / f.name).read_bytes() == f.read_bytes()
     assert main([arr, "--shard", "2/2"]) == 2  # I < N
