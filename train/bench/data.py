@@ -36,7 +36,7 @@ def bench_texts(folder: str, max_bytes: int) -> list[str]:
 
 
 def bench_tokenize(args) -> dict:
-    from data.prepare import measure_throughput
+    from data.prepare_bench import measure_throughput
 
     texts = bench_texts(args.text_dir, int(args.text_mb * 1e6))
     r = measure_throughput(texts, num_workers=args.threads, repeats=args.repeats)

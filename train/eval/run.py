@@ -49,12 +49,20 @@ log = logging.getLogger("eval")
 
 # ---- running ----------------------------------------------------------------------------------------------------
 KIND_PREFIX = {"multiple_choice": "mc", "generative": "gen", "perplexity": "ppl",
-               "perplexity_by_provenance": "ppl_by_provenance", "recall": "recall"}
+               "perplexity_by_provenance": "ppl_by_provenance", "recall": "recall", "chat": "chat",
+               "long_context": "lc"}
 # Config section -> (its task function, its metrics from samples). A task function takes (model, tok, task, cfg,
 # device, shard) and returns {"task", "kind" (the section's name), "metrics", "samples"}; every sample carries
 # "index", its item's position in the whole task, and the metrics are a function of the samples alone, so the merge
 # of array shards (train/eval/shards.py) recomputes exactly what one process reports.
-TASK_SECTIONS = {"multiple_choice": (eval_multiple_choice, mc_metrics), "generative": (eval_generative, gen_metrics)}
+TASK_SECTIONS = {
+    "multiple_choice": (eval_multiple_choice, mc_metrics),
+    "generative": (eval_generative, gen_metrics),
+}
+# Config section -> its check of one task's inputs, check(task, key) with key e.g. "chat[0] (mmlu)": raises ConfigError
+# or BenchmarkError naming the missing file and the layout expected, before a model is loaded.
+INPUT_CHECKS: dict = {
+}
 
 
 def run_tasks(model, tok, cfg: EvalConfig, device, shard: tuple[int, int] = (0, 1)) -> list[dict]:
@@ -67,7 +75,9 @@ def run_tasks(model, tok, cfg: EvalConfig, device, shard: tuple[int, int] = (0, 
             for task in getattr(cfg, section):
                 t0 = time.perf_counter()
                 record = {**fn(model, tok, task, cfg, device, shard), "time_s": time.perf_counter() - t0}
-                if task.paper_score is not None:  # the paper's number for this protocol, for the recipe summary
+                # the paper's number for this protocol, for the recipe summary: a number (compared with `accuracy`),
+                # or {metric: number} when the task function sets it itself
+                if task.paper_score is not None and "paper_score" not in record:
                     record["paper_score"] = task.paper_score
                 records.append(record)
         if cfg.perplexity:
@@ -107,6 +117,9 @@ def check_inputs(cfg: EvalConfig) -> None:
             elif not Path(t.path).is_dir():
                 for _ in read_jsonl(t.path, (t.text_field,)):
                     pass
+    for section, check in INPUT_CHECKS.items():
+        for i, t in enumerate(getattr(cfg, section)):
+            check(t, f"{section}[{i}] ({t.name})")
 
 
 def write_results(cfg: EvalConfig, records: list[dict], info: dict, label: str) -> Path:
