@@ -14,12 +14,14 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from tests.data.test_decontaminate_batch import BOILER, _outputs, _sharded_inputs
+from tests.data.synth.test_real_server import free_port, models
 from tests.helpers.files import eval_results
 from tests.helpers.slurm import REPO, TEST_SBATCH_OPTS, cancel, require_cluster, wait_done
 from tests.slurm.test_synth_array import wait_array
@@ -47,9 +49,9 @@ def _config(root: Path) -> Path:
     return config
 
 
-def _submit_and_wait(tmp_path: Path, module: str, config) -> tuple[dict, dict, str]:
+def _submit_and_wait(tmp_path: Path, module: str, config, env: dict | None = None) -> tuple[dict, dict, str]:
     """submit_data_array.sh MODULE CONFIG N from tmp_path; (array tasks' info, merge job's info, all job logs)."""
-    proc = subprocess.run(["bash", str(SUBMIT), module, str(config), str(N), *OPTS], cwd=tmp_path, env=ENV,
+    proc = subprocess.run(["bash", str(SUBMIT), module, str(config), str(N), *OPTS], cwd=tmp_path, env=env or ENV,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     array = int(re.search(r"^shards: array job (\d+) ", proc.stdout, re.M)[1])
@@ -137,9 +139,7 @@ def _one_process_then_array(tmp_path: Path, module: str, configs: dict) -> None:
     assert {t["NodeList"] for t in tasks.values()} == {"n1", "n2"}, tasks
 
 
-def test_pts_array_and_merge_write_the_pairs_one_process_writes(tmp_path, cluster, tok):
-    """Pivotal Token Search through the same scripts: questions split over two tasks on two nodes (`train.pts
-    --shard i/2`), the merge after them, the pairs byte for byte those of one process."""
+def _pts_inputs(tmp_path: Path, tok) -> dict:
     from tests.train.pts.test_run import answer_chain_model
     from train.export.hf import to_hf
 
@@ -147,12 +147,69 @@ def test_pts_array_and_merge_write_the_pairs_one_process_writes(tmp_path, cluste
     questions = [{"id": f"q{i}", "question": f"What is {i} + {7 - i}?", "answer": "7", "oracle": "math"}
                  for i in range(4)]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
-    base = {"model": str(tmp_path / "model"), "questions": str(tmp_path / "q.jsonl"), "rollouts": 16,
+    return {"model": str(tmp_path / "model"), "questions": str(tmp_path / "q.jsonl"), "rollouts": 16,
             "batch_size": 16, "max_new_tokens": 7, "device": "cpu", "seed": 3}
+
+
+def test_pts_array_and_merge_write_the_pairs_one_process_writes(tmp_path, cluster, tok):
+    """Pivotal Token Search through the same scripts: questions split over two tasks on two nodes (`train.pts
+    --shard i/2`), the merge after them, the pairs byte for byte those of one process."""
+    base = _pts_inputs(tmp_path, tok)
     _one_process_then_array(tmp_path, "train.pts", {"one": {**base, "output": str(tmp_path / "one" / "pairs.jsonl")},
                                                     "arr": {**base, "output": str(tmp_path / "arr" / "pairs.jsonl")}})
     one = (tmp_path / "one" / "pairs.jsonl").read_bytes()
     assert one.strip() and (tmp_path / "arr" / "pairs.jsonl").read_bytes() == one
+
+
+def test_pts_array_samples_through_a_server_on_each_node(tmp_path, cluster, tok):
+    """DATA_SERVER_CMD: every task starts its own OpenAI-compatible server on its node (the vLLM test double
+    tests/helpers/completion_server.py: token-id prompts, token-id logprobs), waits for /v1/models, runs its shard with
+    sampler=backend against it and stops it; the pairs equal one process sampling through the same kind of server."""
+    import yaml
+
+    base = {**_pts_inputs(tmp_path, tok), "backend": {"kind": "openai", "concurrency": 4,
+                                                      "openai": {"model": "sft", "max_retries": 0}}}
+    serve = f"{sys.executable} -m tests.helpers.completion_server --model {tmp_path / 'model'} --name sft --port"
+    port = free_port()
+    server = subprocess.Popen([*serve.split(), str(port)], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                assert models(f"http://127.0.0.1:{port}/v1") == ["sft"]
+                break
+            except Exception:
+                assert server.poll() is None and time.time() < deadline, "the test-double server did not start"
+                time.sleep(0.5)
+        one = {**base, "sampler": "backend", "output": str(tmp_path / "one" / "pairs.jsonl")}
+        one["backend"]["openai"]["base_url"] = f"http://127.0.0.1:{port}/v1"
+        (tmp_path / "one.yaml").write_text(yaml.safe_dump(one))
+        local = subprocess.run([sys.executable, "-m", "train.pts", str(tmp_path / "one.yaml")], cwd=REPO, env=ENV,
+                               capture_output=True, text=True, timeout=300)
+        assert local.returncode == 0, local.stderr[-3000:]
+    finally:
+        server.terminate()
+        server.wait(30)
+    (tmp_path / "arr.yaml").write_text(yaml.safe_dump({**base, "output": str(tmp_path / "arr" / "pairs.jsonl")}))
+    env = {**ENV, "DATA_SERVER_CMD": serve + " {port}", "DATA_SERVER_TIMEOUT_S": "120"}
+    tasks, merged, logs = _submit_and_wait(tmp_path, "train.pts", str(tmp_path / "arr.yaml"), env)
+    assert all(t["JobState"] == "COMPLETED" for t in tasks.values()) and merged["JobState"] == "COMPLETED", logs
+    assert {t["NodeList"] for t in tasks.values()} == {"n1", "n2"}, tasks
+    assert logs.count("server up after") == N and logs.count("stopping the server") == N, logs
+    assert "sampler=backend backend.kind=openai backend.openai.base_url=http://127.0.0.1:" in logs, logs
+    server_logs = sorted(tmp_path.glob("pts-server-*.log"))
+    assert len(server_logs) == N and all("POST /v1/completions" in p.read_text() for p in server_logs), server_logs
+    got, want = (tmp_path / "arr" / "pairs.jsonl").read_bytes(), (tmp_path / "one" / "pairs.jsonl").read_bytes()
+    assert want.strip() and got == want
+
+
+def test_a_server_command_for_a_module_that_samples_from_none_is_refused(tmp_path, cluster):
+    config = _config(tmp_path)
+    env = {**ENV, "DATA_SERVER_CMD": "sleep 600 # {port}"}
+    tasks, merged, logs = _submit_and_wait(tmp_path, "data.decontaminate", config, env)
+    assert all(t["JobState"] == "FAILED" and t["ExitCode"].startswith("2:") for t in tasks.values()), tasks
+    assert "DATA_SERVER_CMD is set but data.decontaminate samples from no server (only train.pts does)" in logs, logs
 
 
 def test_eval_array_and_merge_write_the_results_one_process_writes(tmp_path, cluster, tok):
