@@ -257,3 +257,18 @@ def test_decontamination_reads_the_published_layouts(tmp_path):
                               benchmarks=[BenchmarkSpec(name="x", path="p", source="squad_hf")])
     with pytest.raises(ValueError, match="source='squad_hf'"):
         bad.validate()
+
+
+def test_summary_compares_per_metric_paper_scores(tmp_path):
+    """A dict paper_score names its metrics: SimpleQA's f1, HELMET's category score per length."""
+    from train.recipe.summary import _eval_scores, _paper_scores, _score_text
+
+    (tmp_path / "results.jsonl").write_text(
+        json.dumps({"task": "simpleqa", "metrics": {"accuracy": 0.1, "f1": 0.03}, "paper_score": {"f1": 3.0}}) + "\n"
+        + json.dumps({"task": "rag", "metrics": {"score/8192": 0.5, "score/16384": 0.4, "nq/len_8192/subem": 0.5},
+                      "paper_score": {"score/8192": 58.1, "score/16384": 57.1}}) + "\n")
+    scores, paper = _eval_scores(tmp_path), _paper_scores(tmp_path)
+    assert paper == {"simpleqa/f1": 3.0, "rag/score/8192": 58.1, "rag/score/16384": 57.1}
+    assert [_score_text(k, v, paper) for k, v in scores.items()] == [
+        "simpleqa/accuracy 0.1", "simpleqa/f1 0.03 (paper 3)", "rag/score/8192 0.5 (paper 58.1)",
+        "rag/score/16384 0.4 (paper 57.1)"]

@@ -84,6 +84,8 @@ class RecallProbe:
     prompt: str = "plain"  # plain | chat
     seed: int = 0
     allow_beyond_context: bool = False  # probe lengths above the model's max_seq_len too (else they are skipped)
+    # length -> the paper's recall (SubEM, percent) at it, shown beside len_<L>/substring_match in the recipe summary
+    paper_score: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,6 +133,10 @@ class EvalConfig:
         for key, value in positive:
             if value <= 0:
                 raise ConfigError(f"eval config: {key}={value} must be > 0")
+        stray = [n for n in self.recall.paper_score if n not in self.recall.lengths]
+        if stray:
+            raise ConfigError(f"eval config: recall.paper_score has lengths {stray} that recall.lengths="
+                              f"{list(self.recall.lengths)} does not probe")
         for section, tasks in (("multiple_choice", mc), ("generative", gen), ("perplexity", ppl)):
             names = [t.name for t in tasks]
             if len(set(names)) != len(names) or not all(names) or not all(t.path for t in tasks):

@@ -94,8 +94,11 @@ def eval_recall(model, tok, probe: RecallProbe, cfg: EvalConfig, device, shard: 
             samples.append({"index": li * probe.samples + i, "length": length, "key": p["key"], "value": p["value"],
                             "position": p["position"], "pairs": p["pairs"], "completion": t,
                             **recall_scores(t, p["value"])})
-    return {"task": "json_kv", "kind": "recall", "metrics": recall_metrics(probe, samples), "skipped": skipped,
-            "samples": samples}
+    record = {"task": "json_kv", "kind": "recall", "metrics": recall_metrics(probe, samples), "skipped": skipped,
+              "samples": samples}
+    if probe.paper_score:
+        record["paper_score"] = {f"len_{n}/substring_match": v for n, v in probe.paper_score.items()}
+    return record
 
 
 def recall_metrics(probe: RecallProbe | None, samples: list[dict]) -> dict:

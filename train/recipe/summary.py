@@ -112,21 +112,30 @@ def _fmt(v, digits=4) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def _paper_metrics(record: dict) -> dict:
+    """A result's paper numbers per metric: `paper_score` as a number is the paper's `accuracy`; as a dict it names
+    the metrics (SimpleQA's f1, HELMET's score/<length>)."""
+    paper = record.get("paper_score")
+    if isinstance(paper, (int, float)):
+        return {"accuracy": paper}
+    return {k: v for k, v in paper.items() if isinstance(v, (int, float))} if isinstance(paper, dict) else {}
+
+
 def _eval_scores(stage_dir: Path) -> dict:
     scores = {}
-    for r in _read_jsonl(stage_dir / "results.jsonl"):  # one record per task (train/eval.py)
+    for r in _read_jsonl(stage_dir / "results.jsonl"):  # one record per task (train/eval/run.py)
         metrics = r.get("metrics", {})
-        for key in ("accuracy", "perplexity", "exact_match"):
+        for key in ("accuracy", "perplexity", "exact_match", *_paper_metrics(r)):
             if isinstance(metrics.get(key), (int, float)):
                 scores[f"{r.get('task', '?')}/{key}"] = metrics[key]
     return scores
 
 
 def _paper_scores(stage_dir: Path) -> dict:
-    """<task>/accuracy -> the paper's number for that task's protocol (the task's `paper_score`, in the paper's
+    """<task>/<metric> -> the paper's number for that task's protocol (the task's `paper_score`, in the paper's
     units), for the tasks that carry one."""
-    return {f"{r.get('task', '?')}/accuracy": r["paper_score"] for r in _read_jsonl(stage_dir / "results.jsonl")
-            if isinstance(r.get("paper_score"), (int, float))}
+    return {f"{r.get('task', '?')}/{k}": v for r in _read_jsonl(stage_dir / "results.jsonl")
+            for k, v in _paper_metrics(r).items()}
 
 
 def _score_text(key: str, value, paper: dict) -> str:

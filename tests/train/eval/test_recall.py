@@ -48,9 +48,21 @@ def test_recall_scoring_and_run(tok):
     assert recall_scores(' "3e1e695e"', v) == {"exact_match": 0.0, "substring_match": 0.0}
     assert recall_scores("", v)["exact_match"] == 0.0
     model = random_model(0, max_seq_len=256)
-    cfg = EvalConfig(recall=RecallProbe(lengths=[160, 300], samples=2))
+    cfg = EvalConfig(recall=RecallProbe(lengths=[160, 300], samples=2, paper_score={160: 100.0}))
     rec = eval_recall(model, tok, cfg.recall, cfg, CPU)
     assert set(rec["skipped"]) == {"len_300"}  # 300 + answer tokens > max_seq_len 256
+    assert rec["paper_score"] == {"len_160/substring_match": 100.0}  # for the recipe summary
     assert {s["length"] for s in rec["samples"]} == {160} and len(rec["samples"]) == 2
     assert 0.0 <= rec["metrics"]["len_160/substring_match"] <= 1.0
     assert model.cfg.max_seq_len == 256
+
+
+def test_recall_paper_scores_name_the_probed_lengths():
+    from train.config import ConfigError
+    from train.eval.config import EvalConfig, RecallProbe
+
+    cfg = EvalConfig(recall=RecallProbe(lengths=[64], samples=1, paper_score={64: 100.0}))
+    cfg.validate()
+    cfg.recall.paper_score = {128: 99.0}
+    with pytest.raises(ConfigError, match=r"recall.paper_score has lengths \[128\] that recall.lengths=\[64\]"):
+        cfg.validate()
