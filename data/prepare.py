@@ -105,7 +105,7 @@ def _chunks(records: Iterable[Record], max_chars: int) -> Iterator[list[Record]]
     chunk, chars = [], 0
     for rec in records:
         chunk.append(rec)
-        if isinstance(rec.payload, str):
+        if isinstance(rec.payload, (str, bytes)):
             chars += len(rec.payload)
         elif rec.payload is not None:
             chars += sum(len(m["content"]) for m in rec.payload)
@@ -175,10 +175,10 @@ def prepare_source(src: PrepareSource, output_dir: str | Path, tok, num_workers:
     workers = num_workers or available_cores()
     bar = _progress_bar(src.name, done_tokens, progress)
     try:
-        with TokenizePool(tok, src.kind, workers, INFLIGHT_PER_WORKER) as pool:
-            chunks = _chunks(iter_records(files, src.kind, field_name, start), CHUNK_CHARS)
-            for chunk, ids in pool.encode(chunks, lambda rec: None if rec.error is not None else rec.payload):
-                _write_chunk(writer, src, chunk, ids, skipped, bar)
+        with TokenizePool(tok, src.kind, workers, INFLIGHT_PER_WORKER, field_name) as pool:
+            chunks = _chunks(iter_records(files, src.kind, field_name, start, raw_jsonl=True), CHUNK_CHARS)
+            for chunk, result in pool.encode(chunks, _payload_of):
+                _write_chunk(writer, src, chunk, result, skipped, bar)
         if stats is not None:
             stats["worker_cpu_s"] = pool.worker_cpu_s
     except BaseException:
@@ -197,11 +197,23 @@ def prepare_source(src: PrepareSource, output_dir: str | Path, tok, num_workers:
     return manifest
 
 
-def _write_chunk(writer: ShardWriter, src: PrepareSource, chunk: list[Record], ids, skipped: Counter, bar) -> None:
-    if isinstance(ids, tuple):  # (i, message): the tokenizer rejected record i
-        raise PrepareError(f"{chunk[ids[0]].location}: cannot tokenize this record: {ids[1]}")
+def _payload_of(rec: Record):
+    if rec.error is not None:
+        return None
+    return (rec.payload, rec.location) if rec.raw else rec.payload
+
+
+def _write_chunk(writer: ShardWriter, src: PrepareSource, chunk: list[Record], result: dict, skipped: Counter,
+                 bar) -> None:
+    """Append a chunk's documents (prepare_pool.split_ids' result) in order; a record's reader error raises or is
+    counted by on_error, as is a jsonl line the workers could not parse."""
+    if result["fatal"]:  # (i, message): the tokenizer rejected record i
+        i, message = result["fatal"]
+        raise PrepareError(f"{chunk[i].location}: cannot tokenize this record: {message}")
+    for i, reason, message in result["errors"]:
+        chunk[i].error = SourceError(chunk[i].location, reason, message)
     tokens = 0
-    for rec, arr in zip(chunk, ids):
+    for rec, arr in zip(chunk, result["arrays"]):
         if rec.error is not None:
             if src.on_error == "raise":
                 raise PrepareError(f"source '{src.name}': {rec.error} (set on_error: skip to skip and count such "

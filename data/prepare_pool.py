@@ -3,7 +3,7 @@
 A thread pool cannot use a node: tiktoken releases the GIL only inside its BPE merge loop, so the Python around it
 (regex pre-splitting of special tokens, list building, the chat template) serialises the threads. Here each worker is
 a process with its own tokenizer (built from the same BPE file, its fingerprint checked against the main process's),
-fed chunks of record payloads and returning their ids as one flat uint32 buffer and the lengths, which is cheap to
+fed chunks of records (jsonl lines still unparsed, so JSON decoding runs in parallel too) and returning their ids as one flat uint32 buffer and the lengths, which is cheap to
 send back. Chunks are collected in submission order, so the shards are byte-identical to an in-process run.
 
 The pool starts only when a source has more than one chunk and num_workers > 1: a small source (a test, a smoke run)
@@ -24,6 +24,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from data.sources import SourceError, parse_jsonl_line
+
 ERROR = -1  # a length for a record that carries a reader error (no ids)
 
 _worker_tok = None
@@ -40,55 +42,63 @@ def _init_worker(bpe_path: str | None, fingerprint: str) -> None:
     _worker_tok = tok
 
 
-def encode_payloads(tok, kind: str, payloads: list) -> tuple[bytes, np.ndarray] | tuple[int, str]:
-    """(every payload's ids + eod as one uint32 buffer, the lengths with ERROR for a None payload), or
-    (i, message) for the first payload the tokenizer rejects."""
+def encode_payloads(tok, kind: str, payloads: list, field: str = "") -> dict:
+    """{"ids": every payload's ids + eod as one uint32 buffer, "lengths" (ERROR for a payload without ids),
+    "errors": [(i, reason, message)] for raw jsonl lines (payload (line bytes, location)) that do not parse,
+    "fatal": (i, message) for the first payload the tokenizer rejects, else None}."""
     flat = array("I")
     lengths = np.empty(len(payloads), dtype=np.int64)
-    eod = tok.eod_id
+    errors, eod = [], tok.eod_id
     for i, payload in enumerate(payloads):
+        if isinstance(payload, tuple):  # a raw jsonl line: parsed here, in parallel, by the rules of data/sources.py
+            try:
+                payload = parse_jsonl_line(payload[0], kind, field, payload[1])
+            except SourceError as e:
+                errors.append((i, e.reason, e.message))
+                payload = None
         if payload is None:
             lengths[i] = ERROR
             continue
         try:
             ids = tok.encode(payload) if kind == "text" else tok.apply_chat_template(payload)
         except Exception as e:  # the reader validated the record, so this is unexpected; the caller names where
-            return i, f"{type(e).__name__}: {e}"
+            return {"fatal": (i, f"{type(e).__name__}: {e}")}
         n = len(flat)
         flat.extend(ids)  # array('I') converts a list of ints ~3x faster than np.array
         flat.append(eod)
         lengths[i] = len(flat) - n
-    return flat.tobytes(), lengths
+    return {"ids": flat.tobytes(), "lengths": lengths, "errors": errors, "fatal": None}
 
 
-def _encode_in_worker(kind: str, payloads: list):
+def _encode_in_worker(kind: str, field: str, payloads: list):
     c0 = time.process_time()
-    result = encode_payloads(_worker_tok, kind, payloads)
+    result = encode_payloads(_worker_tok, kind, payloads, field)
     return result, time.process_time() - c0  # workers are the forkserver's children: their CPU is counted here
 
 
-def split_ids(result) -> list[np.ndarray | None] | tuple[int, str]:
-    """encode_payloads' result as one array per payload (None where the payload was None), views of one buffer."""
-    if isinstance(result[0], int):
+def split_ids(result: dict) -> dict:
+    """encode_payloads' result with "arrays": one array per payload (None where it has no ids), views of one
+    buffer."""
+    if result["fatal"]:
         return result
-    flat = np.frombuffer(result[0], dtype=np.uint32)
+    flat = np.frombuffer(result["ids"], dtype=np.uint32)
     out, offset = [], 0
-    for n in result[1].tolist():
+    for n in result["lengths"].tolist():
         if n == ERROR:
             out.append(None)
         else:
             out.append(flat[offset:offset + n])
             offset += n
-    return out
+    return {**result, "arrays": out}
 
 
 class TokenizePool:
     """`encode(chunks)` yields (chunk, ids per record or (i, error)) in order; `workers` processes at most."""
 
-    def __init__(self, tok, kind: str, workers: int, inflight_per_worker: int = 3):
+    def __init__(self, tok, kind: str, workers: int, inflight_per_worker: int = 3, field: str = ""):
         from data.tokenizer import default_bpe_path
 
-        self.tok, self.kind, self.workers = tok, kind, max(1, workers)
+        self.tok, self.kind, self.field, self.workers = tok, kind, field, max(1, workers)
         self.inflight = inflight_per_worker * self.workers
         default = tok.bpe_path.resolve() == default_bpe_path().resolve()
         self._initargs = (None if default else str(tok.bpe_path), tok.fingerprint)
@@ -103,10 +113,11 @@ class TokenizePool:
     def _submit(self, payloads: list) -> Future:
         if self._pool is None:
             self._pool = self._start()
-        return self._pool.submit(_encode_in_worker, self.kind, payloads)
+        return self._pool.submit(_encode_in_worker, self.kind, self.field, payloads)
 
-    def encode(self, chunks: Iterable[list], payload_of) -> Iterator[tuple[list, list | tuple[int, str]]]:
-        """chunks: lists of records; payload_of(record) -> its payload, or None for a record not to encode."""
+    def encode(self, chunks: Iterable[list], payload_of) -> Iterator[tuple[list, dict]]:
+        """(chunk, split_ids result) per chunk, in order. chunks: lists of records; payload_of(record) -> its
+        payload (text, messages, or (jsonl line bytes, location) to parse), or None for a record not to encode."""
         it = iter(chunks)
         first = next(it, None)
         if first is None:
@@ -114,7 +125,8 @@ class TokenizePool:
         second = next(it, None)
         if second is None or self.workers == 1:  # one chunk, or one worker: encoded here, no processes started
             for chunk in ([first] if second is None else _chain(first, second, it)):
-                yield chunk, split_ids(encode_payloads(self.tok, self.kind, [payload_of(r) for r in chunk]))
+                yield chunk, split_ids(encode_payloads(self.tok, self.kind, [payload_of(r) for r in chunk],
+                                                       self.field))
             return
         pending: deque = deque()
         try:

@@ -44,8 +44,9 @@ class Record:
     file_index: int  # position of the file in list_inputs order
     pos: int  # 1-based line (jsonl), 0-based row (parquet), 0 (a whole text file)
     location: str  # "file: line N" for messages
-    payload: str | list | None  # text, or the messages list of a chat record; None when error is set
+    payload: str | list | bytes | None  # text, or the messages list of a chat record; None when error is set
     error: SourceError | None = None
+    raw: bool = False  # payload is the jsonl line's bytes, still to be parsed (parse_jsonl_line)
 
 
 def _unusable(path: Path) -> FileNotFoundError:
@@ -201,7 +202,28 @@ def _payload(obj, kind: str, field: str, location: str):
     return _check_text(obj[field], field, location)
 
 
-def _jsonl_records(path: Path, fi: int, kind: str, field: str, start_pos: int) -> Iterator[Record]:
+def parse_jsonl_line(line: bytes, kind: str, field: str, location: str):
+    """The payload of one jsonl line (text, or a chat's messages), or SourceError naming what is wrong with it."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SourceError(location, "invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SourceError(location, "malformed_json", f"not valid JSON ({e.msg} at column {e.colno}); "
+                          f"expected one JSON object per line") from None
+    payload = _payload(obj, kind, field, location)
+    if b"\\u" in line and kind == "text":  # JSON escapes can smuggle in lone surrogates
+        try:
+            payload.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise SourceError(location, "invalid_utf8", f"key '{field}' holds an unpaired surrogate "
+                              f"escape at character {e.start}") from None
+    return payload
+
+
+def _jsonl_records(path: Path, fi: int, kind: str, field: str, start_pos: int, raw: bool = False) -> Iterator[Record]:
     empty = True
     try:
         for n, line in iter_lines(path):
@@ -212,25 +234,11 @@ def _jsonl_records(path: Path, fi: int, kind: str, field: str, start_pos: int) -
                 continue  # blank lines separate nothing; they are not documents
             empty = False
             location = f"{path}: line {n}"
+            if raw:  # parsed later, by whoever consumes it (data/prepare_pool.py: the tokenizer workers)
+                yield Record(fi, n, location, line, raw=True)
+                continue
             try:
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise SourceError(location, "invalid_utf8",
-                                      f"invalid UTF-8 at byte {e.start} of the line") from None
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise SourceError(location, "malformed_json", f"not valid JSON ({e.msg} at column {e.colno}); "
-                                      f"expected one JSON object per line") from None
-                payload = _payload(obj, kind, field, location)
-                if b"\\u" in line and kind == "text":  # JSON escapes can smuggle in lone surrogates
-                    try:
-                        payload.encode("utf-8")
-                    except UnicodeEncodeError as e:
-                        raise SourceError(location, "invalid_utf8", f"key '{field}' holds an unpaired surrogate "
-                                          f"escape at character {e.start}") from None
-                yield Record(fi, n, location, payload)
+                yield Record(fi, n, location, parse_jsonl_line(line, kind, field, location))
             except SourceError as e:
                 yield Record(fi, n, location, None, e)
     except SourceError as e:  # the stream itself ended badly
@@ -328,9 +336,10 @@ def _text_file_record(path: Path, fi: int) -> Record:
 
 
 def iter_records(files: Sequence[Path], kind: str = "text", text_field: str = "text",
-                 start: tuple[int, int] | None = None) -> Iterator[Record]:
+                 start: tuple[int, int] | None = None, raw_jsonl: bool = False) -> Iterator[Record]:
     """Every record of `files` in order, errors included; `start` = (file_index, pos) of the last record already
-    consumed: reading continues after it."""
+    consumed: reading continues after it. raw_jsonl: jsonl lines come unparsed (Record.raw; the caller parses them
+    with parse_jsonl_line, e.g. in parallel)."""
     if kind not in ("text", "chat"):
         raise ValueError(f"kind must be 'text' or 'chat', got {kind!r}")
     start_file, start_pos = start if start is not None else (0, -1)
@@ -340,7 +349,7 @@ def iter_records(files: Sequence[Path], kind: str = "text", text_field: str = "t
         after = start_pos if fi == start_file else -1
         name = path.name
         if name.endswith(JSONL_SUFFIXES):
-            yield from _jsonl_records(path, fi, kind, text_field, after)
+            yield from _jsonl_records(path, fi, kind, text_field, after, raw_jsonl)
         elif name.endswith(".parquet"):
             yield from _parquet_records(path, fi, kind, text_field, after + 1)
         elif kind == "chat":
