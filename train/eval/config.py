@@ -7,6 +7,7 @@ from typing import Optional
 from data.config import PROVENANCES
 from train.config import ConfigError, WandbConfig
 from data.benchmarks import GENERATIVE_SOURCES, MULTIPLE_CHOICE_SOURCES
+from train.eval.chat_config import ChatTask, validate_chat
 
 
 PRIMARY = ("acc", "acc_norm", "per_token")
@@ -100,6 +101,7 @@ class EvalConfig:
     seed: int = 0  # sampling
     multiple_choice: list[MultipleChoiceTask] = field(default_factory=list)
     generative: list[GenerativeTask] = field(default_factory=list)
+    chat: list[ChatTask] = field(default_factory=list)  # the simple-evals suite (train/eval/chat.py)
     perplexity: list[PerplexitySource] = field(default_factory=list)
     recall: RecallProbe = field(default_factory=RecallProbe)
     wandb: WandbConfig = field(default_factory=lambda: WandbConfig(mode="disabled"))
@@ -156,3 +158,4 @@ class EvalConfig:
             if t.temperature < 0 or t.top_p > 1:
                 raise ConfigError(f"eval config: generative[{i}]: temperature={t.temperature} must be >= 0 and "
                                   f"top_p={t.top_p} at most 1")
+        validate_chat(self.chat)
