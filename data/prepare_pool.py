@@ -15,6 +15,7 @@ the writer is aborted and the next run resumes from the last complete shard.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.forkserver
 import time
 from array import array
 from collections import deque
@@ -35,7 +36,13 @@ def _init_worker(bpe_path: str | None, fingerprint: str) -> None:
     global _worker_tok
     from data.tokenizer import Phi4Tokenizer
 
-    tok = Phi4Tokenizer(bpe_path)
+    tok = None
+    if bpe_path is None:  # the bundled BPE: built once in the fork server (data/prepare_preload.py), inherited
+        import sys
+
+        preload = sys.modules.get("data.prepare_preload")
+        tok = preload.BUNDLED if preload is not None else None
+    tok = tok or Phi4Tokenizer(bpe_path)
     if tok.fingerprint != fingerprint:
         raise RuntimeError(f"tokenizer worker: BPE {bpe_path or 'bundled cl100k_base'} gives fingerprint "
                            f"{tok.fingerprint}, the main process has {fingerprint}")
@@ -103,12 +110,14 @@ class TokenizePool:
         default = tok.bpe_path.resolve() == default_bpe_path().resolve()
         self._initargs = (None if default else str(tok.bpe_path), tok.fingerprint)
         self._pool: ProcessPoolExecutor | None = None
+        if self.workers > 1:  # the fork server starts (imports, builds the tokenizer) while the first chunks are read
+            _context()
+            multiprocessing.forkserver.ensure_running()
         self.worker_cpu_s = 0.0  # CPU seconds the workers spent encoding (for the benchmark's CPU ratio)
 
     def _start(self) -> ProcessPoolExecutor:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["data.prepare_pool", "data.tokenizer"])  # imported once, in the fork server
-        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=self._initargs)
+        return ProcessPoolExecutor(self.workers, mp_context=_context(), initializer=_init_worker,
+                                   initargs=self._initargs)
 
     def _submit(self, payloads: list) -> Future:
         if self._pool is None:
@@ -161,6 +170,12 @@ class TokenizePool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _context():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["data.prepare_pool", "data.prepare_preload"])  # imported once, in the fork server
+    return ctx
 
 
 def _chain(first: list, second: list, rest: Iterator[list]) -> Iterator[list]:

@@ -81,6 +81,8 @@ def test_lm_eval_agrees_with_train_eval(tok, setup, k_shot):
         worst = max(worst, max(abs(a - b) for a, b in zip(their_ll, o["logprob_sum"])))
         assert t["acc"] == float(o["pred_acc"] == o["answer"])
         assert t["acc_norm"] == float(o["pred_acc_norm"] == o["answer"])
+    print(f"\nlm-eval vs train.eval, {k_shot}-shot, {limit} items: largest per-choice log-likelihood difference "
+          f"{worst:.2e}")  # the agreement figure (pytest -s)
     assert worst < 1e-4, f"largest per-choice log-likelihood difference {worst:.2e}"
     res = out["results"]["ours_mc"]
     assert res["acc,none"] == pytest.approx(ours["metrics"]["acc"], abs=1e-12)

@@ -74,6 +74,7 @@ def test_trl_dpo_loss_equals_ours(tok, models, tmp_path, loss):
     losses, _ = preference_loss(ours_policy, ours_ref, beta, loss, lengths if loss == "ipo" else None)
     ours = float(losses.mean())
     assert abs(ours - (0.6931 if loss == "sigmoid" else 25.0)) > 1e-3  # the two models differ: not the h = 0 value
+    print(f"\nTRL DPOTrainer vs ours, {loss}: loss {theirs:.8f} vs {ours:.8f}, |diff| {abs(theirs - ours):.2e}")
     assert theirs == pytest.approx(ours, rel=1e-5, abs=1e-6)
     if loss == "ipo":  # and the pairs tell TRL's length-averaged IPO from the summed form
         ipo_sum = float(preference_loss(ours_policy, ours_ref, beta, "ipo_sum")[0].mean())
