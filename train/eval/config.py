@@ -8,6 +8,7 @@ from data.config import PROVENANCES
 from train.config import ConfigError, WandbConfig
 from data.benchmarks import GENERATIVE_SOURCES, MULTIPLE_CHOICE_SOURCES
 from train.eval.chat_config import ChatTask, validate_chat
+from train.eval.helmet_config import LongContextTask, validate_long_context
 
 
 PRIMARY = ("acc", "acc_norm", "per_token")
@@ -104,6 +105,7 @@ class EvalConfig:
     chat: list[ChatTask] = field(default_factory=list)  # the simple-evals suite (train/eval/chat.py)
     perplexity: list[PerplexitySource] = field(default_factory=list)
     recall: RecallProbe = field(default_factory=RecallProbe)
+    long_context: list[LongContextTask] = field(default_factory=list)  # HELMET categories (helmet.py)
     wandb: WandbConfig = field(default_factory=lambda: WandbConfig(mode="disabled"))
 
     def validate(self) -> None:
@@ -159,3 +161,4 @@ class EvalConfig:
                 raise ConfigError(f"eval config: generative[{i}]: temperature={t.temperature} must be >= 0 and "
                                   f"top_p={t.top_p} at most 1")
         validate_chat(self.chat)
+        validate_long_context(self.long_context)

@@ -43,6 +43,7 @@ from train.eval.recall import eval_recall
 from train.eval.perplexity import eval_perplexity
 from train.eval.shards import completed_shard, merge_shards, shard_path, write_shard
 from train.eval.chat import chat_metrics, check_chat_inputs, eval_chat
+from train.eval.helmet import check_long_context_inputs, eval_long_context, long_context_metrics
 from train.eval.tasks import eval_generative, eval_multiple_choice, gen_metrics, mc_metrics, task_rows
 
 log = logging.getLogger("eval")
@@ -60,11 +61,13 @@ TASK_SECTIONS = {
     "multiple_choice": (eval_multiple_choice, mc_metrics),
     "generative": (eval_generative, gen_metrics),
     "chat": (eval_chat, chat_metrics),
+    "long_context": (eval_long_context, long_context_metrics),
 }
 # Config section -> its check of one task's inputs, check(task, key) with key e.g. "chat[0] (mmlu)": raises ConfigError
 # or BenchmarkError naming the missing file and the layout expected, before a model is loaded.
 INPUT_CHECKS: dict = {
     "chat": check_chat_inputs,
+    "long_context": check_long_context_inputs,
 }
 
 
