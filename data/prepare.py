@@ -1,10 +1,11 @@
 """Tokenize raw sources into shards: `python -m data.prepare <config.yaml> [key=value ...]`.
 
 Each source is read in a fixed order (data/sources.py), tokenized with the Phi-4 tokenizer by worker processes
-(data/prepare_pool.py; one node's cores, the main process reading and writing), terminated with eod 100257 and written to `<output_dir>/<name>/` (data/shards.py).
-An interrupted run resumes from its completed shards; a complete output is only verified. `--bench` measures this
-path against raw tiktoken on the same text and cores (data/prepare_bench.py). `--shard I/N` and `--merge N` split the work over a Slurm array
-(prepare_shard, merge_shards): the merged output is byte-identical to a one-process run.
+(data/prepare_pool.py: one node's cores; the main process reads and writes), terminated with eod 100257 and written
+to `<output_dir>/<name>/` (data/shards.py). An interrupted run resumes from its completed shards; a complete output is
+only verified. `--bench` measures this path against raw tiktoken on the same text and cores (data/prepare_bench.py).
+`--shard I/N` and `--merge N` split the work over a Slurm array (prepare_shard, merge_shards): the merged output is
+byte-identical to a one-process run.
 """
 from __future__ import annotations
 

@@ -1,16 +1,19 @@
 """Tokenizer worker processes for `data.prepare`: one node's cores encode in parallel, the main process reads and writes.
 
 A thread pool cannot use a node: tiktoken releases the GIL only inside its BPE merge loop, so the Python around it
-(regex pre-splitting of special tokens, list building, the chat template) serialises the threads. Here each worker is
-a process with its own tokenizer (built from the same BPE file, its fingerprint checked against the main process's),
-fed chunks of records (jsonl lines still unparsed, so JSON decoding runs in parallel too) and returning their ids as one flat uint32 buffer and the lengths, which is cheap to
-send back. Chunks are collected in submission order, so the shards are byte-identical to an in-process run.
+(JSON decoding, list building, the chat template) serialises the threads. Here each worker is a process with its own
+tokenizer (built from the same BPE file, its fingerprint checked against the main process's), fed chunks of records
+(jsonl lines still unparsed, so JSON decoding runs in parallel too) and returning their ids as one flat uint32 buffer
+and the lengths, which is cheap to send back. Chunks are collected in submission order, so the shards are
+byte-identical to an in-process run.
 
-The pool starts only when a source has more than one chunk and num_workers > 1: a small source (a test, a smoke run)
-is encoded in process with no start-up cost. Called from a script rather than `python -m data.prepare`, the script
-needs the usual `if __name__ == "__main__":` guard: multiprocessing workers import the main module. Workers are forked from a forkserver (never from the main process, whose threads, such
-as tqdm's monitor, must not be copied mid-lock); a worker that dies (killed for memory) raises BrokenProcessPool,
-the writer is aborted and the next run resumes from the last complete shard.
+Workers are forked from a fork server (never from the main process, whose threads, such as tqdm's monitor, must not
+be copied mid-lock) that imported this module and built the bundled tokenizer once (data/prepare_preload.py); it is
+started as a pool is made, while the first chunks are read. Worker processes start only when a source has more than
+one chunk and num_workers > 1: a small source (a test, a smoke run) is encoded in process. Called from a script rather
+than `python -m data.prepare`, the script needs the usual `if __name__ == "__main__":` guard (multiprocessing workers
+import the main module). A worker that dies (killed for memory) raises BrokenProcessPool, the writer is aborted and
+the next run resumes from the last complete shard.
 """
 from __future__ import annotations
 
@@ -100,7 +103,7 @@ def split_ids(result: dict) -> dict:
 
 
 class TokenizePool:
-    """`encode(chunks)` yields (chunk, ids per record or (i, error)) in order; `workers` processes at most."""
+    """`encode(chunks, payload_of)` yields (chunk, split_ids' result) in order; `workers` processes at most."""
 
     def __init__(self, tok, kind: str, workers: int, inflight_per_worker: int = 3, field: str = ""):
         from data.tokenizer import default_bpe_path
