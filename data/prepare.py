@@ -3,7 +3,7 @@
 Each source is read in a fixed order (data/sources.py), tokenized with the Phi-4 tokenizer by worker processes
 (data/prepare_pool.py: one node's cores; the main process reads and writes), terminated with eod 100257 and written
 to `<output_dir>/<name>/` (data/shards.py). An interrupted run resumes from its completed shards; a complete output is
-only verified. `--bench` measures this path against raw tiktoken on the same text and cores (data/prepare_bench.py).
+only verified. `python -m data.prepare_bench` measures this path against raw tiktoken on the same text and cores.
 `--shard I/N` and `--merge N` split the work over a Slurm array (prepare_shard, merge_shards): the merged output is
 byte-identical to a one-process run.
 """
@@ -318,13 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(__doc__ + "\nusage: python -m data.prepare <config.yaml> [key=value ...] [--shard I/N | --merge N]\n"
-              "       python -m data.prepare --bench <folder-or-jsonl> [workers=N] [mb=20] [repeats=3]")
+              "benchmark: python -m data.prepare_bench <folder-or-jsonl> [workers=N] [mb=20] [repeats=3]")
         return 0 if args else 2
     try:
         if args[0] == "--bench":
-            from data.prepare_bench import bench_main
-
-            return bench_main(args[1:])
+            raise ValueError("the benchmark is its own command: python -m data.prepare_bench <folder-or-jsonl> "
+                             "[workers=N] [mb=20] [repeats=3]")
         rest, shard, merge_n = split_array_flags(args[1:])
         cfg = load_typed(args[0], rest, schema=PrepareConfig)
         if shard:

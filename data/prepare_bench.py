@@ -1,4 +1,4 @@
-"""`python -m data.prepare --bench <folder-or-jsonl> [workers=N] [mb=20] [repeats=3]`: the prepare path (jsonl in,
+"""`python -m data.prepare_bench <folder-or-jsonl> [workers=N] [mb=20] [repeats=3]`: the prepare path (jsonl in,
 shards out, N tokenizer processes of data/prepare_pool.py) against raw tiktoken on the same text and cores; also
 `python -m train.bench --only tokenize`.
 
@@ -110,7 +110,7 @@ def format_throughput(r: dict) -> str:
 
 
 def _bench_texts(path: str, max_bytes: int) -> list[str]:
-    """Documents for --bench: text files of a folder (e.g. the Python stdlib), or the records of a jsonl file."""
+    """Documents for the benchmark: text files of a folder (e.g. the Python stdlib), or the records of a jsonl file."""
     files = list_inputs([path], (".py", ".txt", ".md", ".rst"))
     texts, total = [], 0
     for rec in iter_records(files):
@@ -124,9 +124,19 @@ def _bench_texts(path: str, max_bytes: int) -> list[str]:
 
 def bench_main(args: list[str]) -> int:
     if not args:
-        raise ValueError("--bench needs a folder of text files or a jsonl file")
+        raise ValueError("usage: python -m data.prepare_bench <folder-or-jsonl> [workers=N] [mb=20] [repeats=3]")
     opts = dict(a.split("=", 1) for a in args[1:])
     texts = _bench_texts(args[0], int(float(opts.get("mb", 20)) * 1e6))
     print(format_throughput(measure_throughput(texts, int(opts.get("workers", 0)),
                                                repeats=int(opts.get("repeats", 3)))))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        sys.exit(bench_main(sys.argv[1:]))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
