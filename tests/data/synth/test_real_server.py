@@ -62,14 +62,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(gguf: Path, log_path: Path) -> dict:
-    """llama_cpp.server on a free port, ready (GET /v1/models answered); its stdout+stderr (uvicorn's access log
-    among them) go to log_path."""
+def start_server(gguf: Path, log_path: Path, n_ctx: int = 0) -> dict:
+    """llama_cpp.server on a free port with an n_ctx-token context (0 = the tiny model's), ready (GET /v1/models
+    answered); its stdout+stderr (uvicorn's access log among them) go to log_path."""
     port = free_port()
     log = open(log_path, "w")  # noqa: SIM115 (closed by stop_server)
     # One thread: llama.cpp's spinning thread pool is far slower with 2 on a busy 2-core machine at this size.
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
-           str(port), "--n_ctx", str(MODEL_CFG.max_seq_len), "--n_threads", "1", "--n_threads_batch", "1"]
+           str(port), "--n_ctx", str(n_ctx or MODEL_CFG.max_seq_len), "--n_threads", "1", "--n_threads_batch", "1"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     server = {"proc": proc, "log": log, "log_path": log_path, "base_url": f"http://127.0.0.1:{port}/v1"}
     deadline = time.monotonic() + START_TIMEOUT_S

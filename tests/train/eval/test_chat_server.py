@@ -5,9 +5,6 @@ completion graded through the server without an error, one request each (counted
 the same grades again on a rerun (each request carries its own seed)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from data.synth.backend import OpenAIBackendConfig
 from data.synth.config import BackendConfig
 from data.tokenizer import VOCAB_SIZE, Phi4Tokenizer
 from model import ModelConfig, Transformer
-from tests.data.synth.test_real_server import access_statuses, free_port, models, stop_server
+from tests.data.synth.test_real_server import access_statuses, start_server, stop_server
 from tests.helpers.eval_models import random_model
 from tests.helpers.gguf import LLAMA_MISSING
 from train.eval.chat import ChatTask
@@ -29,31 +26,11 @@ pytestmark = pytest.mark.slow  # a llama.cpp server and two graded runs (~30 s)
 
 FIX = Path(__file__).resolve().parents[2] / "fixtures" / "benchmarks" / "simple_evals"
 CONTEXT = 4096  # the grader template and an answer fit
-START_TIMEOUT_S = 120
 
 
 def start_grader_server(gguf: Path, log_path: Path) -> dict:
-    """llama_cpp.server on a free port with a CONTEXT-token context, once GET /v1/models answers."""
-    port = free_port()
-    log = open(log_path, "w")  # noqa: SIM115 (closed by stop_server)
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
-           str(port), "--n_ctx", str(CONTEXT), "--n_threads", "1", "--n_threads_batch", "1"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    server = {"proc": proc, "log": log, "log_path": log_path, "base_url": f"http://127.0.0.1:{port}/v1"}
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            log.close()
-            pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            server["model"] = models(server["base_url"])[0]
-            return server
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            stop_server(server)
-            pytest.fail(f"llama_cpp.server not ready after {START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.25)
+    """llama_cpp.server with a CONTEXT-token context (the grader template and an answer fit)."""
+    return start_server(gguf, log_path, n_ctx=CONTEXT)
 
 
 def test_simpleqa_graded_by_a_real_llama_cpp_server(tok, tmp_path):
